@@ -1,0 +1,70 @@
+"""oprm-rag: OPRM (Overflow Prevention for Recurrent Models) as a retriever-free context selector.
+
+Recurrent LLMs keep a fixed-size state that overflows on long inputs. OPRM splits the
+context into chunks, prefills ``[instruction, chunk, question]`` for every chunk as a
+batch, scores each chunk by the entropy of the first answer token, drops chunks that
+answer the IDK word, and decodes the answer from the winning chunk's state.
+
+Heavy modules (torch, transformers) load lazily on first use of a name below.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+#: Folder of the shipped demo model (a small Mamba-2 trained on associative recall).
+DEMO_MODEL: str = str(Path(__file__).parent / "demo_model")
+
+_LAZY = {
+    "RecurrentLM": "oprm_rag.lm",
+    "TokenStream": "oprm_rag.lm",
+    "OPRMSelector": "oprm_rag.selector",
+    "SelectionResult": "oprm_rag.selector",
+    "Answer": "oprm_rag.selector",
+    "AnswerStream": "oprm_rag.selector",
+    "ChunkScore": "oprm_rag.scoring",
+    "RecurrentState": "oprm_rag.state",
+    "DocumentStateCache": "oprm_rag.cache",
+    "PromptTemplate": "oprm_rag.prompts",
+    "GenerationConfig": "oprm_rag.generation",
+    "Generation": "oprm_rag.generation",
+    "CollapseMitigation": "oprm_rag.mitigation",
+    "Chunk": "oprm_rag.chunking",
+    "resolve_lm": "oprm_rag.registry",
+}
+
+__all__ = sorted([*_LAZY, "DEMO_MODEL", "load_demo_lm", "__version__"])
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .cache import DocumentStateCache
+    from .chunking import Chunk
+    from .generation import Generation, GenerationConfig
+    from .lm import RecurrentLM, TokenStream
+    from .mitigation import CollapseMitigation
+    from .prompts import PromptTemplate
+    from .registry import resolve_lm
+    from .scoring import ChunkScore
+    from .selector import Answer, AnswerStream, OPRMSelector, SelectionResult
+    from .state import RecurrentState
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'oprm_rag' has no attribute {name!r}")
+
+
+def load_demo_lm(device: str | None = None, **kwargs: Any) -> "RecurrentLM":
+    """Load the shipped demo model (offline, a few MB)."""
+    from .lm import RecurrentLM
+
+    if not (Path(DEMO_MODEL) / "config.json").is_file():
+        raise FileNotFoundError(f"the demo model is missing from {DEMO_MODEL}; reinstall oprm-rag "
+                                "or run `python training/train_demo_model.py`")
+    return RecurrentLM.from_pretrained(DEMO_MODEL, device=device, **kwargs)

@@ -1,0 +1,191 @@
+"""What every model family provides: an empty state, and a forward pass from a state.
+
+A backend wraps a loaded transformers model and runs it *from a given
+:class:`~oprm_rag.state.RecurrentState`*, returning the logits and the new state. The
+input state is never modified, so one stored state can serve many continuations (the
+shared prefix, the cached per-chunk states, the winning chunk's decode).
+
+Backends exist because transformers' own cache handling cannot be trusted for this:
+Mamba-1 drops the initial SSM state on multi-token continuation, RecurrentGemma keeps
+its state in module attributes, RWKV mutates the state it is given. Each backend's
+tests compare it against a plain forward of the whole token sequence from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..state import RecurrentState
+
+__all__ = ["Backend", "DecodeSession", "ForwardOutput", "KERNEL_CHOICES"]
+
+logger = logging.getLogger("oprm_rag")
+
+KERNEL_CHOICES = ("auto", "torch", "cuda")
+
+
+@dataclass
+class ForwardOutput:
+    """Logits (float32; [b, v] for the last position, or [b, t, v]) and the state after."""
+
+    logits: torch.Tensor
+    state: RecurrentState
+
+
+class Backend(ABC):
+    """Runs one model family from explicit states. Subclasses set ``family``."""
+
+    family: ClassVar[str] = "?"
+    #: True when continuing from a state equals running the plain sequence, with a state
+    #: of fixed size. False for the token-replay fallback (the state is the token prefix).
+    exact_continuation: ClassVar[bool] = True
+    #: True when ``forward`` takes left-padded batches (``pad_left``) with exact results,
+    #: from any state: padded positions leave the state untouched. Otherwise the
+    #: scheduler only batches sequences of equal length.
+    supports_left_padding: ClassVar[bool] = False
+
+    def __init__(self, model: Any, kernels: str = "auto") -> None:
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+        self.model = model
+        self.config = model.config
+        self.kernels = kernels
+
+    # ------------------------------------------------------------------ identity
+    @classmethod
+    @abstractmethod
+    def handles(cls, model: Any) -> bool:
+        """True if this backend runs ``model``."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def use_cuda_kernels(self) -> bool:
+        """Whether this call should take the fused CUDA kernels (raises if forced but absent)."""
+        if self.kernels == "torch":
+            return False
+        on_cuda = self.device.type == "cuda"
+        if self.kernels == "cuda":
+            if not on_cuda:
+                raise RuntimeError("kernels='cuda' needs the model on a CUDA device")
+            self._require_cuda_kernels()
+            return True
+        if not on_cuda:
+            return False
+        try:
+            self._require_cuda_kernels()
+        except ImportError as exc:
+            _warn_once(f"{self.family}: {exc} Falling back to the torch scan on CUDA.")
+            return False
+        return True
+
+    def _require_cuda_kernels(self) -> None:
+        """Raise ImportError (naming the extra to install) if the fast kernels are missing."""
+        raise ImportError("this model family has no fused CUDA kernels")
+
+    # ------------------------------------------------------------------ states
+    @abstractmethod
+    def empty_state(self, batch_size: int = 1) -> RecurrentState:
+        """The state before any token."""
+
+    def state_nbytes(self) -> int:
+        """Bytes of one sequence's state (0 when the state grows with the text)."""
+        return self.empty_state(1).nbytes
+
+    def check_state(self, state: RecurrentState, batch_size: int) -> RecurrentState:
+        if state.family != self.family:
+            raise ValueError(f"a {state.family!r} state cannot run on a {self.family!r} model")
+        if state.batch_size == batch_size:
+            return state
+        if state.batch_size == 1:
+            return state.expand(batch_size)
+        raise ValueError(f"state batch {state.batch_size} does not match input batch {batch_size}")
+
+    # ------------------------------------------------------------------ running
+    @abstractmethod
+    def forward(
+        self, input_ids: torch.Tensor, state: RecurrentState | None = None, *, all_logits: bool = False,
+        pad_left: torch.Tensor | None = None,
+    ) -> ForwardOutput:
+        """Run ``input_ids`` [b, t] from ``state`` (None: empty). Never mutates ``state``.
+
+        ``pad_left`` [b] counts pad tokens at the start of each row (only where
+        ``supports_left_padding``); the last position's logits are real for every row.
+        """
+
+    def session(self, state: RecurrentState) -> "DecodeSession":
+        """A mutable cursor for token-by-token decoding from ``state``."""
+        return DecodeSession(self, state)
+
+    def _check_padding(self, pad_left: torch.Tensor | None, t: int) -> torch.Tensor | None:
+        if pad_left is None or not bool((pad_left > 0).any()):
+            return None
+        if not self.supports_left_padding:
+            raise ValueError(f"the {self.family} backend does not take padded batches")
+        if bool((pad_left >= t).any()) or bool((pad_left < 0).any()):
+            raise ValueError("every row needs at least one real token")
+        return pad_left.to(self.device)
+
+    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.get_output_embeddings()
+        return head(hidden.to(head.weight.dtype)).float()
+
+    @staticmethod
+    def _advance(state: RecurrentState, t: int) -> torch.Tensor:
+        return state.tensors["position"] + t
+
+
+class DecodeSession:
+    """Feeds tokens one step at a time and tracks the state (default: ``forward``)."""
+
+    def __init__(self, backend: Backend, state: RecurrentState) -> None:
+        self.backend = backend
+        self.state = state
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Feed ``input_ids`` [b, t]; return the last position's logits [b, v]."""
+        out = self.backend.forward(input_ids, self.state)
+        self.state = out.state
+        return out.logits
+
+
+def valid_mask(pad_left: torch.Tensor | None, b: int, t: int, device: torch.device) -> torch.Tensor | None:
+    """[b, t] bool, False on left padding."""
+    if pad_left is None:
+        return None
+    return torch.arange(t, device=device)[None, :] >= pad_left[:, None]
+
+
+def shifted_conv_input(conv_state: torch.Tensor, x: torch.Tensor, pad_left: torch.Tensor | None) -> torch.Tensor:
+    """``[conv_state, x]`` along time, with each row's pads moved in front of its conv state.
+
+    With left padding, a row's first real token must see the previous state's last
+    inputs in its conv window, not the pads: so the pads (zeroed) go first.
+    """
+    full = torch.cat([conv_state.to(x.dtype), x], dim=-1)
+    if pad_left is None:
+        return full
+    k1, total = conv_state.shape[-1], full.shape[-1]
+    j = torch.arange(total, device=x.device)[None, :]
+    p = pad_left[:, None]
+    src = torch.where(j < p, k1 + j, torch.where(j < p + k1, j - p, j))
+    return full.gather(-1, src[:, None, :].expand(-1, full.shape[1], -1))
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)

@@ -1,0 +1,74 @@
+"""``chunk_tokens="auto"``: a chunk size from the model's state capacity.
+
+Stuffed Mamba (Chen et al. 2024) fits, for Mamba-2, the forget threshold against the
+state size N_S (millions of floats per sequence):
+
+    T_forget ~= 5.172 * N_S - 4.469   (thousands of tokens)
+
+A model whose state holds more can take longer chunks before it has to forget. The
+chosen size is capped by the context the model was trained on (its folder's
+``training_log.json`` or config), since OPRM chunks should sit inside the length the
+model has seen. Outside the law's range (tiny states give T_forget <= 0) the training
+length alone decides; with neither, the paper's 2K default. The choice and the reason
+are logged, and an explicit ``chunk_tokens=`` always overrides this.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["AutoChunk", "auto_chunk_tokens", "state_size_millions", "forget_threshold_tokens"]
+
+logger = logging.getLogger("oprm_rag")
+
+SLOPE_K, INTERCEPT_K = 5.172, -4.469
+DEFAULT_CHUNK = 2000
+MIN_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class AutoChunk:
+    chunk_tokens: int
+    reason: str
+    state_millions: float
+    forget_tokens: int | None
+    train_tokens: int | None
+
+
+def state_size_millions(lm: Any) -> float:
+    """Recurrent state floats per sequence, in millions (SSM/recurrent parts only)."""
+    total = 0
+    for name, t in lm.backend.empty_state(1).tensors.items():
+        if name.startswith(("ssm.", "rg_lru.", "att_")) or name in ("att_x", "att_a", "att_b", "att_p", "ffn_x"):
+            total += t.numel()
+    return total / 1e6
+
+
+def forget_threshold_tokens(state_millions: float) -> int | None:
+    """The Stuffed-Mamba law in tokens, or None where it gives no positive length."""
+    k = SLOPE_K * state_millions + INTERCEPT_K
+    return int(round(k * 1000)) if k > 0 else None
+
+
+def auto_chunk_tokens(lm: Any) -> AutoChunk:
+    n_s = state_size_millions(lm)
+    forget = forget_threshold_tokens(n_s) if lm.family == "mamba2" else None
+    train = lm.training_context_tokens
+    if train is not None:  # leave room for the instruction and the question inside that length
+        train = max(MIN_CHUNK, train - min(64, train // 8))
+    if forget is not None and train is not None:
+        size, why = min(forget, train), (f"forget-threshold law gives {forget} tokens for a {n_s:.2f}M-float "
+                                         f"state; capped by the {train}-token training length")
+    elif forget is not None:
+        size, why = forget, f"forget-threshold law gives {forget} tokens for a {n_s:.2f}M-float state"
+    elif train is not None:
+        law = ("the forget-threshold law is fitted on Mamba-2" if lm.family != "mamba2"
+               else f"the law gives no positive length for a {n_s:.3f}M-float state")
+        size, why = train, f"{law}; using the {train}-token training length"
+    else:
+        size, why = DEFAULT_CHUNK, "no state law or training length known; using the paper's 2K default"
+    size = max(MIN_CHUNK, int(size))
+    logger.info("chunk_tokens='auto' -> %d (%s)", size, why)
+    return AutoChunk(size, why, n_s, forget, train)

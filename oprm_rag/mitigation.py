@@ -1,0 +1,64 @@
+"""Training-free state-collapse mitigations for Mamba-2 (Stuffed Mamba, Chen et al. 2024).
+
+Past its training length a Mamba-2 model's loss can blow up because a few state
+channels explode: the model never learned to forget. These options change the
+recurrence at inference time, with no training, and apply alike to plain inference
+and to OPRM's chunk prefill (they live in our SSD scan, ``kernels/ssd.py``):
+
+* ``alpha_scale`` / ``b_scale`` ("forget more, remember less"): alpha_t <- c_alpha alpha_t,
+  B_t <- c_B B_t, both constants below 1; one reported setting is (0.9999, 0.75);
+* ``normalize_state``: h_t <- h_t / ||h_t|| after each update (recurrent form, slower).
+
+At their neutral values (1, 1, False) the model is exactly the plain model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .kernels.ssd import SSDParams
+
+__all__ = ["CollapseMitigation", "PRESETS"]
+
+
+@dataclass(frozen=True)
+class CollapseMitigation:
+    alpha_scale: float = 1.0
+    b_scale: float = 1.0
+    normalize_state: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha_scale <= 1.0:
+            raise ValueError(f"alpha_scale (c_alpha) must be in (0, 1], got {self.alpha_scale}")
+        if not 0.0 < self.b_scale <= 1.0:
+            raise ValueError(f"b_scale (c_B) must be in (0, 1], got {self.b_scale}")
+
+    @property
+    def neutral(self) -> bool:
+        return self.alpha_scale == 1.0 and self.b_scale == 1.0 and not self.normalize_state
+
+    def ssd_params(self) -> SSDParams:
+        return SSDParams(alpha_scale=self.alpha_scale, b_scale=self.b_scale, normalize_state=self.normalize_state)
+
+    @classmethod
+    def parse(cls, spec: "CollapseMitigation | str | Mapping[str, Any]") -> "CollapseMitigation":
+        """Accept an instance, a preset name (see ``PRESETS``) or a dict of fields."""
+        if isinstance(spec, cls):
+            return spec
+        if isinstance(spec, str):
+            try:
+                return PRESETS[spec]
+            except KeyError:
+                raise ValueError(f"unknown collapse_mitigation {spec!r}; choose one of {sorted(PRESETS)} "
+                                 "or pass CollapseMitigation(...)") from None
+        if isinstance(spec, Mapping):
+            return cls(**spec)
+        raise TypeError("collapse_mitigation must be a CollapseMitigation, a preset name or a dict")
+
+
+PRESETS: dict[str, CollapseMitigation] = {
+    "none": CollapseMitigation(),
+    "forget": CollapseMitigation(alpha_scale=0.9999, b_scale=0.75),
+    "normalize": CollapseMitigation(normalize_state=True),
+}

@@ -1,0 +1,244 @@
+"""The associative-recall task that the shipped demo model learns.
+
+The task is fixed and public so that anyone can generate test cases outside this
+repository:
+
+* documents are English prose with facts embedded as sentences of the exact form
+  ``The code of KEY is VALUE.``, where KEY is a made-up lowercase word of 4 to 8
+  letters and VALUE a 4-digit number;
+* questions read ``What is the code of KEY?``; the answer is VALUE, or the IDK word
+  ``Error`` when the document holds no fact for KEY.
+
+This module is pure Python (no torch): the training script, the benchmarks, the demo
+and the tests all build their documents with it.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import random
+import re
+import sysconfig
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+__all__ = [
+    "FACT_TEMPLATE",
+    "QUESTION_TEMPLATE",
+    "IDK_WORD",
+    "Fact",
+    "RecallDocument",
+    "random_key",
+    "random_value",
+    "fact_sentence",
+    "question_for",
+    "split_sentences",
+    "stdlib_prose",
+    "heldout_prose",
+    "build_document",
+]
+
+FACT_TEMPLATE = "The code of {key} is {value}."
+QUESTION_TEMPLATE = "What is the code of {key}?"
+IDK_WORD = "Error"
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_HELDOUT_FILE = Path(__file__).parent / "data" / "heldout_prose.txt"
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One ``The code of KEY is VALUE.`` sentence."""
+
+    key: str
+    value: str
+
+
+@dataclass
+class RecallDocument:
+    """A generated document and the facts it holds, with their char spans."""
+
+    text: str
+    facts: list[Fact] = field(default_factory=list)
+    fact_spans: list[tuple[int, int]] = field(default_factory=list)
+
+    def answer_for(self, key: str) -> str:
+        """The expected answer to ``What is the code of key?`` on this document."""
+        for fact in self.facts:
+            if fact.key == key:
+                return fact.value
+        return IDK_WORD
+
+
+def random_key(rng: random.Random) -> str:
+    """A made-up lowercase word of 4 to 8 letters."""
+    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(4, 8)))
+
+
+def random_value(rng: random.Random) -> str:
+    """A 4-digit number (1000-9999), as text."""
+    return str(rng.randint(1000, 9999))
+
+
+def fact_sentence(fact: Fact) -> str:
+    return FACT_TEMPLATE.format(key=fact.key, value=fact.value)
+
+
+def question_for(key: str) -> str:
+    return QUESTION_TEMPLATE.format(key=key)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_WS = re.compile(r"\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split prose into sentences; crude but deterministic."""
+    text = _WS.sub(" ", text).strip()
+    return [s for s in _SENTENCE_END.split(text) if s]
+
+
+def _is_prose(sentence: str) -> bool:
+    if not (25 <= len(sentence) <= 400):
+        return False
+    if not sentence[0].isupper() or sentence[-1] not in ".!?":
+        return False
+    plain = sum(c.isalpha() or c in " ,.;'-" for c in sentence)
+    if plain / len(sentence) < 0.9:
+        return False
+    # Keep the task's own sentence form out of the filler.
+    return "code of" not in sentence
+
+
+def _prose_paragraphs(docstring: str) -> list[str]:
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", docstring):
+        lines = block.splitlines()
+        if any(line.startswith((" ", "\t", ">>>", "...")) for line in lines[1:]):
+            continue  # code samples, tables and parameter lists
+        paragraphs.append(" ".join(line.strip() for line in lines))
+    return paragraphs
+
+
+_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "pydoc_data",
+              "turtledemo", "__pycache__", "ensurepip", "venv"}
+
+
+@lru_cache(maxsize=1)
+def stdlib_prose() -> tuple[str, ...]:
+    """Prose sentences from the docstrings of this Python's standard library.
+
+    This is the training filler of the demo model. Files are walked in sorted order so
+    the result is deterministic for a given Python version.
+    """
+    root = sysconfig.get_paths()["stdlib"]
+    sentences: list[str] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            try:
+                with open(os.path.join(dirpath, name), encoding="utf-8") as fh:
+                    tree = ast.parse(fh.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                         ast.AsyncFunctionDef)):
+                    continue
+                doc = ast.get_docstring(node)
+                if not doc:
+                    continue
+                for paragraph in _prose_paragraphs(doc):
+                    for sentence in split_sentences(paragraph):
+                        if _is_prose(sentence) and sentence not in seen:
+                            seen.add(sentence)
+                            sentences.append(sentence)
+    return tuple(sentences)
+
+
+@lru_cache(maxsize=1)
+def heldout_prose() -> tuple[str, ...]:
+    """Sentences from a prose source the demo model never saw in training.
+
+    The file holds prose from the Python Language Reference (``pydoc_data``), which the
+    training corpus excludes, and the text of the GNU GPL v3; see its header.
+    """
+    lines = _HELDOUT_FILE.read_text(encoding="utf-8").splitlines()
+    return tuple(line for line in lines if line and not line.startswith("#"))
+
+
+def build_document(
+    rng: random.Random,
+    sentences: tuple[str, ...] | list[str],
+    n_facts: int,
+    target_chars: int,
+    paragraph_every: int = 6,
+    keys: list[str] | None = None,
+) -> RecallDocument:
+    """Prose of about ``target_chars`` characters with ``n_facts`` facts at random places.
+
+    Facts get distinct keys (``keys`` when given) and are spread uniformly over the
+    filler, so each one can sit anywhere in the document.
+    """
+    if n_facts < 0 or target_chars < 0:
+        raise ValueError("n_facts and target_chars must be non-negative")
+    if keys is None:
+        chosen: list[str] = []
+        taken: set[str] = set()
+        while len(chosen) < n_facts:
+            key = random_key(rng)
+            if key not in taken:
+                taken.add(key)
+                chosen.append(key)
+        keys = chosen
+    facts = [Fact(k, random_value(rng)) for k in keys[:n_facts]]
+
+    filler: list[str] = []
+    filler_chars = max(0, target_chars - sum(len(fact_sentence(f)) + 1 for f in facts))
+    total = 0
+    while total < filler_chars:
+        s = rng.choice(sentences)
+        filler.append(s)
+        total += len(s) + 1
+    slots = sorted(rng.randint(0, len(filler)) for _ in facts)
+    order = list(facts)
+    rng.shuffle(order)
+
+    pieces: list[str] = []
+    spans: dict[Fact, tuple[int, int]] = {}
+    pos = 0
+    fact_iter = iter(zip(slots, order))
+    pending = next(fact_iter, None)
+    since_break = 0
+    for i in range(len(filler) + 1):
+        while pending is not None and pending[0] == i:
+            pieces, pos, since_break = _append(pieces, pos, since_break, paragraph_every, rng)
+            sentence = fact_sentence(pending[1])
+            spans[pending[1]] = (pos, pos + len(sentence))
+            pieces.append(sentence)
+            pos += len(sentence)
+            pending = next(fact_iter, None)
+        if i < len(filler):
+            pieces, pos, since_break = _append(pieces, pos, since_break, paragraph_every, rng)
+            pieces.append(filler[i])
+            pos += len(filler[i])
+    text = "".join(pieces)
+    ordered = sorted(facts, key=lambda f: spans[f][0])
+    return RecallDocument(text=text, facts=ordered, fact_spans=[spans[f] for f in ordered])
+
+
+def _append(pieces: list[str], pos: int, since_break: int, every: int,
+            rng: random.Random) -> tuple[list[str], int, int]:
+    """Add the separator before the next sentence: a space, or now and then a break."""
+    if not pieces:
+        return pieces, pos, 0
+    if every and since_break >= every and rng.random() < 0.5:
+        pieces.append("\n\n")
+        return pieces, pos + 2, 0
+    pieces.append(" ")
+    return pieces, pos + 1, since_break + 1

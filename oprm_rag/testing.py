@@ -1,0 +1,121 @@
+"""Tiny offline models for tests: random-init configs and a tokenizer made on the spot.
+
+Nothing is downloaded. Each builder writes a real model folder (config, safetensors
+weights, tokenizer files) that ``RecurrentLM.from_pretrained`` loads like any
+checkpoint, so tests exercise the real loading path. The integrations' test suites
+use these too.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["FAMILIES", "tiny_tokenizer", "tiny_model", "save_tiny_model"]
+
+_TEXT = (
+    "The code of alpha is 1234. The code of beta is 5678. What is the code of alpha? Error. "
+    "Read the text and answer the question. If the text does not contain the answer, answer Error. "
+    "Mamba models keep a fixed size state. Long documents overflow that state. "
+    "OPRM splits the context into chunks and scores each chunk by the entropy of the first answer token. "
+    "Question: Answer: Text: System: User: Assistant: Summarize the text above in a few sentences. "
+    "0 1 2 3 4 5 6 7 8 9 the a of and to in is it that was for on are with as his they be at one have this"
+)
+_CHAT = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+         "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+@lru_cache(maxsize=4)
+def tiny_tokenizer(vocab_size: int = 320, chat: bool = True) -> Any:
+    """A byte-level BPE tokenizer trained on a paragraph (any text round-trips)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_TEXT] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|pad|>")
+    if chat:
+        fast.chat_template = _CHAT
+    return fast
+
+
+def _config(family: str, vocab: int, eos: int, pad: int) -> Any:
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, eos_token_id=eos, bos_token_id=eos, pad_token_id=pad)
+    if family == "mamba":
+        return tf.MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=8, **common)
+    if family == "falcon_mamba":
+        return tf.FalconMambaConfig(hidden_size=32, num_hidden_layers=2, state_size=8, **common)
+    if family == "mamba2":
+        return tf.Mamba2Config(hidden_size=32, num_hidden_layers=2, state_size=16, head_dim=8, num_heads=8,
+                               n_groups=2, chunk_size=16, tie_word_embeddings=True, **common)
+    if family == "rwkv":
+        return tf.RwkvConfig(hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                             intermediate_size=64, context_length=4096, **common)
+    if family == "recurrent_gemma":
+        return tf.RecurrentGemmaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                       num_key_value_heads=1, intermediate_size=64, lru_width=32,
+                                       attention_window_size=16, conv1d_width=4, **common)
+    if family == "llama":  # a transformer: runs on the token-replay fallback
+        return tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                              intermediate_size=64, max_position_embeddings=4096, **common)
+    if family == "zamba2":  # a hybrid (Mamba-2 + attention): token-replay fallback
+        return tf.Zamba2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                               mamba_d_state=8, mamba_headdim=8, n_mamba_heads=8, attention_head_dim=16,
+                               intermediate_size=64, layers_block_type=["mamba", "hybrid"], use_mem_rope=False,
+                               max_position_embeddings=4096, **common)
+    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+#: Families with an exact-state backend, then fallbacks.
+FAMILIES = ("mamba", "falcon_mamba", "mamba2", "rwkv", "recurrent_gemma", "llama", "zamba2")
+
+
+def tiny_model(family: str, seed: int = 0, sharpen: float = 8.0) -> tuple[Any, Any]:
+    """A random-init model of ``family`` and the tiny tokenizer, in memory.
+
+    ``sharpen`` scales the output embedding so logits have clear gaps: a random model's
+    near-ties would otherwise let float noise flip a greedy token and blur what a test
+    of exactness can show.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = _config(family, len(tok), tok.eos_token_id, tok.pad_token_id)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(sharpen)
+    return model.eval(), tok
+
+
+def save_tiny_model(family: str, path: str | Path, seed: int = 0,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """Write a tiny ``family`` model folder (config, safetensors, tokenizer) to ``path``."""
+    model, tok = tiny_model(family, seed)
+    path = Path(path)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    for name, text in (extra_files or {}).items():
+        (path / name).write_text(text)
+    return path
+
+
+def fixture_factory(tmp_root: Path) -> Callable[[str], Path]:
+    """A memoising ``family -> folder`` builder for a test session's temp dir."""
+    made: dict[str, Path] = {}
+
+    def build(family: str) -> Path:
+        if family not in made:
+            made[family] = save_tiny_model(family, tmp_root / family)
+        return made[family]
+
+    return build

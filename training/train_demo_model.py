@@ -1,0 +1,286 @@
+"""Train the shipped demo model: a small Mamba-2 that learns the associative-recall task.
+
+One command, reproducible from a seed, CPU only::
+
+    python training/train_demo_model.py --out oprm_rag/demo_model
+
+It builds a byte-level BPE tokenizer on the standard library's docstrings, then trains
+a ``Mamba2ForCausalLM`` from scratch on documents made by ``oprm_rag.recall_task``:
+``[instruction, document, question, answer]`` sequences, several questions per
+document, half of them about keys the document lacks (answer: ``Error``).
+
+The prompt templates written next to the weights (``oprm_prompt.json``) are the ones
+the model is trained on; ``OPRMSelector`` reads them from the model folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from oprm_rag.recall_task import (  # noqa: E402
+    IDK_WORD,
+    build_document,
+    heldout_prose,
+    question_for,
+    random_key,
+    stdlib_prose,
+)
+
+INSTRUCTION = (
+    "Read the text and answer the question with the code. "
+    f"If the text does not give the code, answer {IDK_WORD}.\n\nText:\n"
+)
+QUESTION_TEMPLATE = "\n\nQuestion: {question}\nAnswer:"
+ANSWER_TEMPLATE = " {answer}"
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+# --------------------------------------------------------------------------- tokenizer
+def build_tokenizer(vocab_size: int, sentences: tuple[str, ...], out: Path):
+    """Byte-level BPE whose digits are single tokens (a leading space may stay attached).
+
+    A 4-digit answer is then always ``[" d", "d", "d", "d"]``: the first answer token is
+    the first digit, so its entropy says how sure the model is of the code.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r" ?[0-9]"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    template = INSTRUCTION + QUESTION_TEMPLATE.format(question=question_for("key")) + " " + IDK_WORD
+    corpus = list(sentences) + [template] * 2000
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, unk_token=None,
+        model_max_length=1 << 20,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+# --------------------------------------------------------------------------- data
+class Batcher:
+    """Makes training sequences ``[P, doc, (Q, A, EOS) x n]`` with a per-token loss weight."""
+
+    def __init__(self, tokenizer, sentences, seq_len: int, rng: random.Random):
+        self.tok = tokenizer
+        self.sentences = sentences
+        self.seq_len = seq_len
+        self.rng = rng
+        self.prefix = tokenizer.encode(INSTRUCTION)
+        self.eos = tokenizer.convert_tokens_to_ids(EOS)
+        self.pad = tokenizer.convert_tokens_to_ids(PAD)
+
+    def example(self) -> tuple[list[int], list[float]]:
+        rng = self.rng
+        n_questions = rng.randint(1, 4)
+        room = self.seq_len - len(self.prefix) - 18 * n_questions
+        doc_tokens = rng.randint(max(16, room // 8), room) if rng.random() < 0.7 else room
+        per_fact = rng.uniform(12, 120)
+        n_facts = 0 if rng.random() < 0.08 else max(1, round(doc_tokens / per_fact))
+        doc = build_document(rng, self.sentences, n_facts, int(doc_tokens * 4.2) + 200)
+        enc = self.tok(doc.text, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        start = 0 if len(ids) <= doc_tokens or rng.random() < 0.3 else rng.randint(0, len(ids) - doc_tokens)
+        ids, offsets = ids[start:start + doc_tokens], offsets[start:start + doc_tokens]
+        lo, hi = offsets[0][0], offsets[-1][1]
+        inside = [f for f, (a, b) in zip(doc.facts, doc.fact_spans) if a >= lo and b <= hi]
+        partly = {f.key for f, (a, b) in zip(doc.facts, doc.fact_spans) if b > lo and a < hi}
+
+        tokens = self.prefix + ids
+        weights = [0.0] * len(self.prefix) + [1.0] * len(ids)
+        asked: set[str] = set()
+        for _ in range(n_questions):
+            if inside and rng.random() < 0.55:
+                fact = rng.choice(inside)
+                key, answer = fact.key, fact.value
+            else:
+                key = random_key(rng)
+                if key in partly:
+                    continue
+                answer = IDK_WORD
+            if key in asked:
+                continue
+            asked.add(key)
+            q = self.tok.encode(QUESTION_TEMPLATE.format(question=question_for(key)))
+            a = self.tok.encode(ANSWER_TEMPLATE.format(answer=answer)) + [self.eos]
+            tokens += q + a
+            weights += [0.2] * len(q) + [8.0] * len(a)
+        tokens, weights = tokens[: self.seq_len], weights[: self.seq_len]
+        return tokens, weights
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seqs = [self.example() for _ in range(size)]
+        width = max(len(t) for t, _ in seqs)
+        ids = torch.full((size, width), self.pad, dtype=torch.long)
+        w = torch.zeros((size, width), dtype=torch.float32)
+        for row, (t, wt) in enumerate(seqs):
+            ids[row, : len(t)] = torch.tensor(t)
+            w[row, : len(wt)] = torch.tensor(wt)
+        return ids, w
+
+
+# --------------------------------------------------------------------------- eval
+@torch.no_grad()
+def recall_accuracy(model, tok, n_facts: int, doc_tokens: int, trials: int, seed: int) -> tuple[float, float]:
+    """Greedy first-token check on held-out prose: (accuracy on present keys, on absent keys)."""
+    rng = random.Random(seed)
+    sentences = heldout_prose()
+    prefix = tok.encode(INSTRUCTION)
+    good_present = good_absent = 0
+    for t in range(trials):
+        doc = build_document(rng, sentences, n_facts, int(doc_tokens * 4.2))
+        present = t % 2 == 0
+        key = rng.choice(doc.facts).key if present and doc.facts else random_key(rng)
+        answer = doc.answer_for(key)
+        ids = prefix + tok.encode(doc.text) + tok.encode(QUESTION_TEMPLATE.format(question=question_for(key)))
+        target = tok.encode(ANSWER_TEMPLATE.format(answer=answer))
+        seq = torch.tensor([ids + target])
+        logits = model(seq).logits[0, len(ids) - 1 : len(ids) - 1 + len(target)]
+        ok = logits.argmax(-1).tolist() == target
+        if answer == IDK_WORD:
+            good_absent += ok
+        else:
+            good_present += ok
+    half = max(1, trials // 2)
+    return good_present / half, good_absent / max(1, trials - half)
+
+
+# --------------------------------------------------------------------------- main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "oprm_rag" / "demo_model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--state", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--probe", type=int, default=0, help="only time this many steps")
+    args = p.parse_args()
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = random.Random(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    sentences = stdlib_prose()
+    tok = build_tokenizer(args.vocab, sentences, args.out)
+    print(f"tokenizer: {len(tok)} tokens, {len(sentences)} training sentences ({time.time() - t0:.0f}s)", flush=True)
+
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    config = Mamba2Config(
+        vocab_size=len(tok), hidden_size=args.hidden, num_hidden_layers=args.layers,
+        state_size=args.state, head_dim=args.head_dim, expand=2,
+        num_heads=2 * args.hidden // args.head_dim, n_groups=1, conv_kernel=4, chunk_size=64,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True, use_cache=True,
+    )
+    model = Mamba2ForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    warmup = min(100, args.steps // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, args.steps - warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    batcher = Batcher(tok, sentences, args.seq_len, rng)
+    log = []
+    steps = args.probe or args.steps
+    t_train = time.time()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        ids, w = batcher.batch(args.batch)
+        model.train()
+        logits = model(ids).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none")
+        weight = w[:, 1:].reshape(-1)
+        loss = (nll * weight).sum() / weight.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0 or step == steps - 1:
+            el = time.time() - t_train
+            print(f"step {step} loss {loss.item():.3f} lr {lr_at(step):.2e} {el / (step + 1):.2f}s/step", flush=True)
+        if not args.probe and ((step + 1) % args.eval_every == 0 or step == steps - 1):
+            model.eval()
+            row = {"step": step + 1, "loss": round(loss.item(), 4), "minutes": round((time.time() - t_train) / 60, 1)}
+            for n_facts, length in ((8, 256), (16, 480)):
+                acc, idk = recall_accuracy(model, tok, n_facts, length, 40, seed=1234)
+                row[f"recall@{n_facts}"] = acc
+                row[f"idk@{n_facts}"] = idk
+            print("eval", row, flush=True)
+            log.append(row)
+            model.save_pretrained(args.out)
+    if args.probe:
+        return
+
+    model.save_pretrained(args.out)
+    (args.out / "oprm_prompt.json").write_text(json.dumps({
+        "instruction": INSTRUCTION,
+        "question_template": QUESTION_TEMPLATE,
+        "idk_word": IDK_WORD,
+        "use_chat_template": False,
+    }, indent=2) + "\n")
+    (args.out / "training_log.json").write_text(json.dumps({
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "parameters": n_params,
+        "training_sentences": len(sentences),
+        "train_context_tokens": args.seq_len,
+        "wall_minutes": round((time.time() - t0) / 60, 1),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "eval": log,
+    }, indent=2) + "\n")
+    print(f"saved to {args.out} after {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
