@@ -84,3 +84,31 @@ def test_ssd_normalised_state_has_unit_norm():
     _, h = ssd_scan(x, dt, A, B, C, h0, params=SSDParams(normalize_state=True))
     norms = h.flatten(2).norm(dim=-1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 3, 8, 30])
+def test_window_equals_a_plain_run_over_the_last_r_tokens(window):
+    from oprm_rag.kernels.ssd import ssd_window_scan
+
+    x, dt, A, B, C, _ = _ssd_inputs(t=26)
+    y, _ = ssd_window_scan(x, dt, A, B, C, window, block=5)
+    zero = torch.zeros(2, 4, 3, 5)
+    for t in range(26):
+        lo = max(0, t - window + 1)
+        ref, _ = ssd_scan(x[:, lo:t + 1], dt[:, lo:t + 1], A, B[:, lo:t + 1], C[:, lo:t + 1], zero, chunk_size=4)
+        assert torch.allclose(y[:, t], ref[:, -1], atol=1e-4), t
+
+
+def test_window_at_infinity_is_the_plain_scan_and_history_continues():
+    from oprm_rag.kernels.ssd import ssd_window_scan
+
+    x, dt, A, B, C, _ = _ssd_inputs(t=30)
+    zero = torch.zeros(2, 4, 3, 5)
+    plain, _ = ssd_scan(x, dt, A, B, C, zero, chunk_size=8)
+    y, _ = ssd_window_scan(x, dt, A, B, C, 10**4, block=7)
+    assert torch.allclose(y, plain, atol=1e-4)
+    # pieces with carried history equal the whole
+    whole, _ = ssd_window_scan(x, dt, A, B, C, 9)
+    y1, hist = ssd_window_scan(x[:, :11], dt[:, :11], A, B[:, :11], C[:, :11], 9)
+    y2, _ = ssd_window_scan(x[:, 11:], dt[:, 11:], A, B[:, 11:], C[:, 11:], 9, history=hist)
+    assert torch.allclose(torch.cat([y1, y2], 1), whole, atol=1e-5)

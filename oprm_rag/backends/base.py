@@ -47,7 +47,7 @@ class Backend(ABC):
     #: True when ``forward`` takes left-padded batches (``pad_left``) with exact results,
     #: from any state: padded positions leave the state untouched. Otherwise the
     #: scheduler only batches sequences of equal length.
-    supports_left_padding: ClassVar[bool] = False
+    supports_left_padding: bool = False
 
     def __init__(self, model: Any, kernels: str = "auto") -> None:
         if kernels not in KERNEL_CHOICES:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..kernels.ssd import NEUTRAL, SSDParams, discretise_dt, ssd_scan, ssd_step
+from ..kernels.ssd import NEUTRAL, SSDParams, discretise_dt, ssd_scan, ssd_step, ssd_window_scan
 from ..state import RecurrentState
 from .base import Backend, ForwardOutput, shifted_conv_input, valid_mask
 
@@ -33,6 +33,10 @@ class Mamba2Backend(Backend):
         self.chunk_size = int(getattr(model.config, "chunk_size", 64) or 64)
         self.mitigation = mitigation
         self.ssd_params: SSDParams = mitigation.ssd_params() if mitigation is not None else NEUTRAL
+        self.window: int | None = getattr(mitigation, "window", None)
+        if self.window is not None:
+            # pads would take window slots: batch equal lengths only
+            self.supports_left_padding = False
 
     @classmethod
     def handles(cls, model: Any) -> bool:
@@ -51,8 +55,15 @@ class Mamba2Backend(Backend):
         tensors: dict[str, torch.Tensor] = {"position": torch.zeros(batch_size, dtype=torch.long, device=dev)}
         for i in range(len(self.backbone.layers)):
             tensors[f"conv.{i}"] = torch.zeros(batch_size, self.conv_dim, self.kernel - 1, dtype=self.dtype, device=dev)
-            tensors[f"ssm.{i}"] = torch.zeros(batch_size, self.heads, self.head_dim, self.d_state,
-                                              dtype=torch.float32, device=dev)
+            if self.window is None:
+                tensors[f"ssm.{i}"] = torch.zeros(batch_size, self.heads, self.head_dim, self.d_state,
+                                                  dtype=torch.float32, device=dev)
+            else:
+                w = self.window - 1
+                f32 = dict(dtype=torch.float32, device=dev)
+                tensors[f"win_x.{i}"] = torch.zeros(batch_size, w, self.heads, self.head_dim, **f32)
+                tensors[f"win_B.{i}"] = torch.zeros(batch_size, w, self.heads, self.d_state, **f32)
+                tensors[f"win_A.{i}"] = torch.zeros(batch_size, w, self.heads, **f32)
         return RecurrentState(self.family, tensors)
 
     @torch.no_grad()
@@ -62,7 +73,7 @@ class Mamba2Backend(Backend):
         state = self.empty_state(b) if state is None else self.check_state(state, b)
         pad_left = self._check_padding(pad_left, t)
         mask = valid_mask(pad_left, b, t, self.device)
-        use_kernel = self.use_cuda_kernels() and self.ssd_params.neutral
+        use_kernel = self.use_cuda_kernels() and self.ssd_params.neutral and self.window is None
         real = t if pad_left is None else t - pad_left
         new: dict[str, torch.Tensor] = {"position": state.tensors["position"] + real}
         hidden = self.backbone.embeddings(input_ids.to(self.device))
@@ -71,8 +82,14 @@ class Mamba2Backend(Backend):
             normed = layer.norm(hidden.to(dtype=layer.norm.weight.dtype))
             if layer.residual_in_fp32:
                 residual = residual.to(torch.float32)
-            out, new[f"conv.{i}"], new[f"ssm.{i}"] = self._mixer(
-                layer.mixer, normed, state.tensors[f"conv.{i}"], state.tensors[f"ssm.{i}"], use_kernel, mask, pad_left)
+            ssm = (state.tensors[f"ssm.{i}"] if self.window is None else
+                   tuple(state.tensors[f"win_{k}.{i}"] for k in "xBA"))
+            out, new[f"conv.{i}"], new_ssm = self._mixer(
+                layer.mixer, normed, state.tensors[f"conv.{i}"], ssm, use_kernel, mask, pad_left)
+            if self.window is None:
+                new[f"ssm.{i}"] = new_ssm
+            else:
+                new.update({f"win_{k}.{i}": v for k, v in zip("xBA", new_ssm)})
             hidden = residual + out
         hidden = self.backbone.norm_f(hidden)
         if not all_logits:
@@ -101,7 +118,9 @@ class Mamba2Backend(Backend):
         x = x.reshape(b, t, self.heads, self.head_dim)
         B = B.reshape(b, t, self.groups, self.d_state)
         C = C.reshape(b, t, self.groups, self.d_state)
-        if use_kernel:
+        if self.window is not None:
+            y, new_ssm = ssd_window_scan(x, dt, A, B, C, self.window, ssm_state, self.ssd_params)
+        elif use_kernel:
             y, new_ssm = self._scan_cuda(x, dt, A, B, C, ssm_state)
         elif t == 1:
             y, new_ssm = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], ssm_state.float(), self.ssd_params)

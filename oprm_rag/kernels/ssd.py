@@ -10,8 +10,8 @@ The scan also hosts the training-free state-collapse mitigations of Stuffed Mamb
 
 * ``alpha_scale`` (c_alpha) and ``b_scale`` (c_B): alpha_t <- c_alpha * alpha_t, B_t <- c_B * B_t;
 * ``normalize_state``: h_t <- h_t / ||h_t|| after every update (per head, recurrent form);
-* ``window``: sliding window by state difference, h_t^(r) = h_t - alpha_{t-r+1:t} h_{t-r}
-  (see :func:`ssd_window_scan`).
+* ``window`` (see :func:`ssd_window_scan`): sliding window by state difference,
+  h_t^(r) = h_t - alpha_{t-r+1:t} h_{t-r}.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SSDParams", "ssd_scan", "ssd_step", "ssd_reference", "discretise_dt"]
+__all__ = ["SSDParams", "ssd_scan", "ssd_step", "ssd_reference", "ssd_window_scan", "discretise_dt"]
 
 
 @dataclass(frozen=True)
@@ -156,3 +156,57 @@ def _ssd_recurrent(x, dt, A, B, C, h0, params):
 def ssd_reference(x, dt, A, B, C, h0, params: SSDParams = NEUTRAL):
     """The step-by-step recurrence, for tests."""
     return _ssd_recurrent(x, dt, A, B, C, h0, params)
+
+
+def ssd_window_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    window: int,
+    history: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    params: SSDParams = NEUTRAL,
+    block: int = 64,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Sliding-window SSM output: only the last ``window`` tokens reach each position.
+
+    Stuffed Mamba's state difference h_t - alpha_{t-r+1:t} h_{t-r} equals the windowed sum
+    sum_{s=t-r+1..t} alpha_{s+1:t} B_s x_s dt_s; we compute that sum directly (a banded,
+    attention-like product per query block) because subtracting two exploding states
+    is exactly where float precision fails. The decays come from a cumulative sum of
+    dt*A taken locally over each block's window (the running sum over the window).
+
+    ``history`` carries the previous ``window - 1`` tokens' (x*dt [b, w, h, p],
+    B [b, w, h, n] (groups expanded, scaled), dA [b, w, h]) with zeros where nothing was
+    seen yet: a fixed-size state. Returns y [b, t, h, p] and the new history.
+    """
+    b, t, h, p = x.shape
+    w = window - 1
+    xdt = x.float() * dt[..., None]
+    Bf = _expand_groups(B.float(), h) * params.b_scale
+    Cf = _expand_groups(C.float(), h)
+    dA = dt * A.float()[None, None, :]
+    if params.alpha_scale != 1.0:
+        dA = dA + math.log(params.alpha_scale) * (dt > 0)
+    if history is None:
+        history = (xdt.new_zeros(b, w, h, p), Bf.new_zeros(b, w, h, Bf.shape[-1]), dA.new_zeros(b, w, h))
+    hx, hB, hA = history
+    ext_x, ext_B, ext_A = torch.cat([hx, xdt], 1), torch.cat([hB, Bf], 1), torch.cat([hA, dA], 1)
+    ys = []
+    for q0 in range(0, t, block):
+        q1 = min(t, q0 + block)
+        k0, k1 = q0, q1 + w  # in extended coordinates: keys [q0 - w, q1) of the input
+        a = ext_A[:, k0:k1]  # [b, K, h]
+        cum = torch.cumsum(a, dim=1)  # local running sum over this block's window
+        cq = cum[:, w:]  # queries sit at the last (q1 - q0) key positions
+        diff = cq[:, :, None, :] - cum[:, None, :, :]  # [b, Q, K, h]: sum of a over (k, q]
+        qi = torch.arange(q1 - q0, device=x.device)[:, None] + w
+        ki = torch.arange(k1 - k0, device=x.device)[None, :]
+        band = (ki <= qi) & (qi - ki < window)
+        decay = torch.exp(diff.masked_fill(~band[None, :, :, None], -math.inf))
+        scores = torch.einsum("bqhn,bkhn->bqkh", Cf[:, q0:q1], ext_B[:, k0:k1]) * decay
+        ys.append(torch.einsum("bqkh,bkhp->bqhp", scores, ext_x[:, k0:k1]))
+    y = torch.cat(ys, 1) if ys else xdt.new_zeros(b, 0, h, p)
+    new_history = (ext_x[:, -w:] if w else hx, ext_B[:, -w:] if w else hB, ext_A[:, -w:] if w else hA)
+    return y, tuple(t_.contiguous() for t_ in new_history)  # type: ignore[return-value]

@@ -1,0 +1,1 @@
+"""Speed, memory and accuracy benchmarks; each writes JSON and a PNG to benchmarks/results/."""

@@ -1,0 +1,88 @@
+"""Shared helpers: the model under test, timing, documents, and writing results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes (CI runs this)")
+    p.add_argument("--model", default=None, help="model folder (default: the shipped demo model)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where to write JSON and PNG")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    return p
+
+
+def setup(args: argparse.Namespace):
+    import torch
+
+    from oprm_rag import DEMO_MODEL
+    from oprm_rag.registry import resolve_lm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return resolve_lm(args.model or DEMO_MODEL)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+
+
+def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
+    """Median wall time of ``repeat`` runs, and the last result."""
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def recall_document(lm: Any, n_facts: int, tokens: int, seed: int):
+    """Held-out prose with ``n_facts`` facts, about ``tokens`` model tokens long."""
+    from oprm_rag.recall_task import build_document, heldout_prose
+
+    rng = random.Random(seed)
+    doc = build_document(rng, heldout_prose(), n_facts, int(tokens * 4.0))
+    n = lm.count_tokens(doc.text)
+    if n < tokens * 0.95 or n > tokens * 1.05:  # one correction for this tokenizer's chars per token
+        rng = random.Random(seed)
+        doc = build_document(rng, heldout_prose(), n_facts, int(tokens * 4.0 * tokens / max(1, n)))
+    return doc
+
+
+def write(name: str, out_dir: Path, data: dict[str, Any], plot: Callable[[Any], None] | None,
+          quick: bool = False) -> Path:
+    """Write ``name.json`` (and ``name.png`` from ``plot(ax_or_fig)``); quick runs get a suffix."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}_quick" if quick else name
+    data = {"benchmark": name, "quick": quick, "machine": machine(), **data}
+    path = out_dir / f"{stem}.json"
+    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=(7.5, 4.2), dpi=120)
+        plot(fig)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{stem}.png")
+        plt.close(fig)
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,156 @@
+"""The ``oprm-rag`` command: results, JSON, plots, and clean exits on bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from oprm_rag.cli import main
+
+DOC = ("The code of alpha is 1234. Mamba models keep a fixed size state. " * 10
+       + "OPRM splits the context into chunks. The code of beta is 5678. " * 6)
+
+
+@pytest.fixture()
+def doc_file(tmp_path):
+    f = tmp_path / "doc.txt"
+    f.write_text(DOC)
+    return f
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_ask_prints_answer_and_winning_span(model_dir, doc_file, capsys):
+    code, out, err = run(["ask", doc_file, "-q", "What is the code of alpha?", "--model", model_dir("mamba2"),
+                          "--chunk-tokens", "48", "--no-idk-filter", "--max-new-tokens", "4"], capsys)
+    assert code == 0, err
+    assert out.startswith("Answer: ")
+    assert f"From {doc_file}, chars " in out and "entropy" in out
+    assert "chunks scored" in err and "Traceback" not in err
+
+
+def test_ask_json_is_machine_readable(model_dir, doc_file, capsys):
+    code, out, _ = run(["ask", doc_file, "-q", "What is the code of beta?", "--model", model_dir("mamba"),
+                        "--chunk-tokens", "48", "--json", "--no-idk-filter"], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["question"] == "What is the code of beta?" and isinstance(data["answer"], str)
+    assert data["winner"]["file"] == str(doc_file)
+    assert len(data["chunks"]) > 3 and {"entropy", "char_start", "is_idk"} <= set(data["chunks"][0])
+
+
+def test_stdin_and_summary(model_dir, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(DOC))
+    code, out, _ = run(["ask", "-", "-q", "x", "--summary", "--model", model_dir("mamba2"), "--chunk-tokens", "64",
+                        "--json", "--max-new-tokens", "3"], capsys)
+    assert code == 0 and json.loads(out)["question"] is None
+
+
+def test_inspect_writes_a_png_and_chart(model_dir, doc_file, tmp_path, capsys):
+    png = tmp_path / "entropy.png"
+    code, out, _ = run(["inspect", doc_file, "-q", "What is the code of alpha?", "--model", model_dir("mamba"),
+                        "--chunk-tokens", "48", "--plot", png, "--no-idk-filter"], capsys)
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<- selected" in out and "legend" in out
+
+
+def test_cache_dir_makes_the_follow_up_cheap(model_dir, doc_file, tmp_path, capsys):
+    args = ["ask", doc_file, "-q", "What is the code of alpha?", "--model", model_dir("mamba2"), "--chunk-tokens",
+            "48", "--cache-dir", tmp_path / "cache", "--json"]
+    first = json.loads(run(args, capsys)[1])
+    second = json.loads(run(args[:3] + ["What is the code of beta?"] + args[4:], capsys)[1])
+    assert second["usage"]["cached_chunks"] == len(second["chunks"])
+    assert second["usage"]["input_tokens"] < first["usage"]["input_tokens"] / 2
+
+
+def test_chat_loop_reuses_states(model_dir, doc_file, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the code of alpha?\nWhat is the code of beta?\n"))
+    code, out, err = run(["chat", doc_file, "--model", model_dir("mamba2"), "--chunk-tokens", "48"], capsys)
+    assert code == 0 and out.startswith("Ready:") and out.count("? ") >= 2
+
+
+@pytest.mark.parametrize("setup, code, message", [
+    ("missing", 1, "no such file"),
+    ("empty", 1, "the document is empty"),
+    ("pdf", 1, "not a readable PDF"),
+    ("folder", 1, "is a folder"),
+])
+def test_bad_documents_exit_cleanly(model_dir, tmp_path, capsys, setup, code, message):
+    path = tmp_path / {"missing": "nope.txt", "empty": "e.txt", "pdf": "bad.pdf", "folder": "d"}[setup]
+    if setup == "empty":
+        path.write_text("  \n ")
+    elif setup == "pdf":
+        path.write_bytes(b"%PDF-1.4 this is not really a pdf")
+    elif setup == "folder":
+        path.mkdir()
+    got, out, err = run(["ask", path, "-q", "q?", "--model", model_dir("mamba")], capsys)
+    assert got == code and message in err and "Traceback" not in err
+
+
+def test_model_that_cannot_load_exits_3(tmp_path, doc_file, capsys):
+    got, _, err = run(["ask", doc_file, "-q", "q?", "--model", tmp_path / "no-model"], capsys)
+    assert got == 3 and "could not load the model" in err
+
+
+def test_bad_usage_exits_2(doc_file, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["ask", str(doc_file), "-q", "q", "--chunk-tokens", "lots"])
+    assert exc.value.code == 2
+
+
+def test_real_pdf_is_read(model_dir, tmp_path, capsys):
+    from oprm_rag.readers import read_document
+
+    pdf = tmp_path / "doc.pdf"
+    _write_pdf(pdf, "The code of alpha is 1234.")
+    assert "The code of alpha is 1234." in read_document(pdf).text
+
+
+def _write_pdf(path, text):
+    """A minimal one-page PDF with ``text`` (Helvetica), built by hand."""
+    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+    objs = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+            b"/Resources << /Font << /F1 5 0 R >> >> >>",
+            b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+            b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for i, o in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % i + o + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
+    out += b"".join(b"%010d 00000 n \n" % off for off in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
+    path.write_bytes(bytes(out))
+
+
+def test_ctrl_c_during_scoring_exits_130(model_dir, tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text(DOC * 400)
+    proc = subprocess.Popen([sys.executable, "-m", "oprm_rag", "ask", str(big), "-q", "What is the code of alpha?",
+                             "--model", str(model_dir("mamba")), "--chunk-tokens", "32", "-v"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    line = ""
+    while time.time() < deadline and "OPRM scoring" not in line:  # wait until scoring has begun
+        line = proc.stderr.read(64) or line
+        if proc.poll() is not None:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
