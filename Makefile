@@ -10,7 +10,7 @@ PIP     := $(PY) -m pip
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench bench-quick train-demo-model clean browser
+.PHONY: install demo serve test test-fast bench bench-quick train-demo-model clean browser
 
 install: $(STAMP)
 
@@ -30,6 +30,9 @@ browser:
 
 demo: install
 	$(VENV)/bin/oprm-rag demo
+
+serve: install
+	$(VENV)/bin/oprm-rag serve
 
 test: install
 	$(PY) -m pytest -q

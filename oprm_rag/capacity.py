@@ -55,20 +55,22 @@ def forget_threshold_tokens(state_millions: float) -> int | None:
 def auto_chunk_tokens(lm: Any) -> AutoChunk:
     n_s = state_size_millions(lm)
     forget = forget_threshold_tokens(n_s) if lm.family == "mamba2" else None
-    train = lm.training_context_tokens
-    if train is not None:  # leave room for the instruction and the question inside that length
-        train = max(MIN_CHUNK, train - min(64, train // 8))
+    trained = lm.training_context_tokens
+    train = None
+    if trained is not None:  # leave room for the instruction and the question inside that length
+        train = max(MIN_CHUNK, trained - min(64, trained // 8))
     if forget is not None and train is not None:
         size, why = min(forget, train), (f"forget-threshold law gives {forget} tokens for a {n_s:.2f}M-float "
-                                         f"state; capped by the {train}-token training length")
+                                         f"state; capped by the {trained}-token training length "
+                                         f"({train} after room for the prompt)")
     elif forget is not None:
         size, why = forget, f"forget-threshold law gives {forget} tokens for a {n_s:.2f}M-float state"
     elif train is not None:
         law = ("the forget-threshold law is fitted on Mamba-2" if lm.family != "mamba2"
                else f"the law gives no positive length for a {n_s:.3f}M-float state")
-        size, why = train, f"{law}; using the {train}-token training length"
+        size, why = train, f"{law}; using the {trained}-token training length ({train} after room for the prompt)"
     else:
         size, why = DEFAULT_CHUNK, "no state law or training length known; using the paper's 2K default"
     size = max(MIN_CHUNK, int(size))
     logger.info("chunk_tokens='auto' -> %d (%s)", size, why)
-    return AutoChunk(size, why, n_s, forget, train)
+    return AutoChunk(size, why, n_s, forget, trained)

@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="show every chunk's entropy; --plot writes a PNG")
     _common(ins)
     ins.add_argument("--plot", help="PNG path for the entropy chart")
+    sub.add_parser("serve", help="the web QA page (its options: oprm-rag serve --help)", add_help=False)
     demo = sub.add_parser("demo", help="plain inference against OPRM on the shipped model")
     _model_args(demo)
     demo.add_argument("--facts", type=int, default=96, help="facts hidden in the demo document")
@@ -207,6 +208,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # the web app parses its own options
+        from .web.app import main as serve
+
+        return serve(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,

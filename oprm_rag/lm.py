@@ -30,7 +30,7 @@ from .state import RecurrentState
 if TYPE_CHECKING:  # pragma: no cover
     from .mitigation import CollapseMitigation
 
-__all__ = ["RecurrentLM", "TokenStream"]
+__all__ = ["RecurrentLM", "TokenStream", "PromptStart"]
 
 logger = logging.getLogger("oprm_rag")
 
@@ -358,6 +358,22 @@ class RecurrentLM:
             return list(entry.ids) + (self.encode(rest) if rest else [])
         return self.encode(prompt, add_special_tokens=add_special_tokens)
 
+    def start(self, prompt: str | Sequence[int], *, add_special_tokens: bool = True) -> "PromptStart":
+        """Run ``prompt`` to its last token, resuming from a handed-off state when it begins
+        with one the selector just scored (then only the rest is prefilled)."""
+        ids = self.prompt_ids(prompt, add_special_tokens=add_special_tokens)
+        if not ids:
+            raise ValueError("the prompt is empty: the model needs at least one token to continue from")
+        entry = self.handoff.lookup(ids)
+        if entry is None:
+            out = self.prefill(ids)
+            return PromptStart(out.state, out.logits.reshape(1, -1), ids, 0)
+        rest = ids[entry.num_tokens:]
+        if rest:
+            out = self.prefill(rest, entry.state)
+            return PromptStart(out.state, out.logits.reshape(1, -1), ids, entry.num_tokens)
+        return PromptStart(entry.state, entry.logits.reshape(1, -1), ids, entry.num_tokens)
+
     def complete(self, prompt: str | Sequence[int], config: GenerationConfig | None = None, *,
                  add_special_tokens: bool = True) -> "TokenStream":
         """Stream a completion of ``prompt``, resuming from a handed-off state if one matches.
@@ -365,26 +381,28 @@ class RecurrentLM:
         A prompt that begins with exactly the tokens of a state the selector just scored
         continues from that state: the chunk is not prefilled again.
         """
-        ids = self.prompt_ids(prompt, add_special_tokens=add_special_tokens)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        entry = self.handoff.lookup(ids)
-        if entry is not None:
-            rest = ids[entry.num_tokens:]
-            if rest:
-                out = self.prefill(rest, entry.state)
-                state, logits = out.state, out.logits
-            else:
-                state, logits = entry.state, entry.logits[None]
-        else:
-            out = self.prefill(ids)
-            state, logits = out.state, out.logits
-        stream = self.stream_from(state, logits, config, prompt_tokens=len(ids))
-        stream.handoff_hit = entry is not None
+        started = self.start(prompt, add_special_tokens=add_special_tokens)
+        stream = self.stream_from(started.state, started.logits, config, prompt_tokens=len(started.ids))
+        stream.handoff_hit = started.handoff_hit
         return stream
 
     def __repr__(self) -> str:
         return f"RecurrentLM({self.name!r}, family={self.family!r}, device={self.device}, dtype={self.dtype})"
+
+
+@dataclass
+class PromptStart:
+    """A prompt run up to its last token: the state, the next-token logits [1, v], its ids,
+    and how many of those tokens were resumed from a handed-off state (0: none)."""
+
+    state: RecurrentState
+    logits: torch.Tensor
+    ids: list[int]
+    reused_tokens: int
+
+    @property
+    def handoff_hit(self) -> bool:
+        return self.reused_tokens > 0
 
 
 class TokenStream:

@@ -96,11 +96,15 @@ class Answer:
 
 
 class AnswerStream:
-    """Iterate for text pieces; ``answer`` is complete once iteration ends."""
+    """Iterate for text pieces; ``answer`` is complete once iteration ends.
 
-    def __init__(self, make: Callable[["AnswerStream"], Iterator[str]]) -> None:
+    ``selection`` (every chunk's score, the winner) is available before the first piece.
+    """
+
+    def __init__(self, make: Callable[["AnswerStream"], Iterator[str]],
+                 selection: SelectionResult | None = None) -> None:
         self.answer: Answer | None = None
-        self.selection: SelectionResult | None = None
+        self.selection: SelectionResult | None = selection
         self._iter = make(self)
 
     def __iter__(self) -> Iterator[str]:
@@ -355,18 +359,18 @@ class OPRMSelector:
     def stream(self, question: str, documents: str | Sequence[str], *, max_new_tokens: int = 64,
                return_inputs: bool = False, **generation: Any) -> AnswerStream:
         """Like :meth:`answer`, as an iterator of text pieces (``.answer`` at the end)."""
-        cfg = GenerationConfig.make(max_new_tokens=max_new_tokens, **generation)
         result = self.select(question, documents, return_inputs=True)
+        return self.stream_from(result, max_new_tokens=max_new_tokens, return_inputs=return_inputs, **generation)
 
-        def run(holder: AnswerStream) -> Iterator[str]:
-            holder.selection = result
-            yield from self._answer_from(result, cfg, holder, return_inputs)
+    def stream_from(self, result: SelectionResult, *, max_new_tokens: int = 64, return_inputs: bool = False,
+                    **generation: Any) -> AnswerStream:
+        """Stream the answer from a selection you already hold (no re-scoring, no prefill)."""
+        cfg = GenerationConfig.make(max_new_tokens=max_new_tokens, **generation)
+        return AnswerStream(lambda h: self._answer_from(result, cfg, h, return_inputs), selection=result)
 
-        return AnswerStream(run)
-
-    def answer_from(self, result: SelectionResult, **generation: Any) -> Answer:
+    def answer_from(self, result: SelectionResult, *, max_new_tokens: int = 64, **generation: Any) -> Answer:
         """Decode from a selection you already hold (no re-scoring)."""
-        holder = AnswerStream(lambda h: self._answer_from(result, GenerationConfig.make(**generation), h, False))
+        holder = self.stream_from(result, max_new_tokens=max_new_tokens, **generation)
         holder.text()
         assert holder.answer is not None
         return holder.answer
@@ -399,10 +403,12 @@ class OPRMSelector:
         prefix = lm.prefix_state(prefix_ids)
         exact = lm.backend.exact_continuation
         need_logits = self.criterion == "question_likelihood"
-        questions_of: dict[int, list[_Question]] = {}
+        # uid -> (question, position of that document in the question's list); a text given
+        # twice is prefilled once but reported at both positions.
+        questions_of: dict[int, list[tuple[_Question, int]]] = {}
         for q in questions:
-            for uid in q.doc_uids:
-                questions_of.setdefault(uid, []).append(q)
+            for pos, uid in enumerate(q.doc_uids):
+                questions_of.setdefault(uid, []).append((q, pos))
         for q in questions:
             q.tokens += 0 if prefix_known else len(prefix_ids)
 
@@ -463,7 +469,7 @@ class OPRMSelector:
             part = [items[i] for i in batch]
             states, end_logits, computed = self._chunk_states(part, prefix, need_logits, exact)
             for r, (d, c) in enumerate(part):
-                for q in questions_of.get(d.uid, []):
+                for q, _ in questions_of.get(d.uid, []):
                     if computed[r]:
                         q.tokens += c.num_tokens
                     else:
@@ -473,7 +479,7 @@ class OPRMSelector:
                     d.collected[c.index] = (states.select(row), end_logits[row] if end_logits is not None else None)
                     if len(d.collected) == len(d.chunks):
                         self._store(d)
-            rows = [(qi, r) for r, (d, _) in enumerate(part) for qi in questions_of.get(d.uid, [])]
+            rows = [(qp, r) for r, (d, _) in enumerate(part) for qp in questions_of.get(d.uid, [])]
             events = self._question_pass(rows, part, states, end_logits, prefix_ids, return_inputs, need_logits)
             if progress is not None:
                 progress.update(len(part))
@@ -551,9 +557,9 @@ class OPRMSelector:
         """Run Q from each chunk's state; score; offer to each question's pool."""
         events = []
         exact = self.lm.backend.exact_continuation
-        for batch in self._plan([len(q.ids) for q, _ in rows]):
+        for batch in self._plan([len(q.ids) for (q, _), _ in rows]):
             sel = [rows[i] for i in batch]
-            ids, pads = self._padded([q.ids for q, _ in sel])
+            ids, pads = self._padded([q.ids for (q, _), _ in sel])
             st = states.select([r for _, r in sel])
             out = self.lm.forward(ids, st, all_logits=need_logits, pad_left=pads)
             last = out.logits[:, -1] if need_logits else out.logits
@@ -562,13 +568,13 @@ class OPRMSelector:
             if need_logits:
                 assert end_logits is not None
                 qlp = question_logprob(end_logits[[r for _, r in sel]], out.logits, ids, pads)
-            for j, (q, r) in enumerate(sel):
+            for j, ((q, pos), r) in enumerate(sel):
                 d, c = part[r]
                 q.nominal += len(prefix_ids) + c.num_tokens + len(q.ids)
                 q.tokens += len(q.ids) if exact else len(prefix_ids) + c.num_tokens + len(q.ids)
                 tid = int(top[j])
                 score = ChunkScore(
-                    doc_index=q.doc_uids.index(d.uid), index=c.index, text=c.text, char_start=c.char_start,
+                    doc_index=pos, index=c.index, text=c.text, char_start=c.char_start,
                     char_end=c.char_end, token_start=c.token_start, token_end=c.token_end,
                     entropy=float(entropy[j]), top_token_id=tid, top_token=self.lm.decode([tid]),
                     top_prob=float(top_p[j]), is_idk=tid in self._idk_ids,

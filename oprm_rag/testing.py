@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["FAMILIES", "tiny_tokenizer", "tiny_model", "save_tiny_model"]
+__all__ = ["FAMILIES", "EXACT_FAMILIES", "FALLBACK_FAMILIES", "tiny_tokenizer", "tiny_model", "save_tiny_model"]
 
 _TEXT = (
     "The code of alpha is 1234. The code of beta is 5678. What is the code of alpha? Error. "
@@ -74,8 +74,10 @@ def _config(family: str, vocab: int, eos: int, pad: int) -> Any:
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
-#: Families with an exact-state backend, then fallbacks.
-FAMILIES = ("mamba", "falcon_mamba", "mamba2", "rwkv", "recurrent_gemma", "llama", "zamba2")
+#: Families with an exact-state backend, and families that run on the replay fallback.
+EXACT_FAMILIES = ("mamba", "falcon_mamba", "mamba2", "rwkv", "recurrent_gemma")
+FALLBACK_FAMILIES = ("llama", "zamba2")
+FAMILIES = EXACT_FAMILIES + FALLBACK_FAMILIES
 
 
 def tiny_model(family: str, seed: int = 0, sharpen: float = 8.0) -> tuple[Any, Any]:

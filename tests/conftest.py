@@ -12,8 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-EXACT_FAMILIES = ["mamba", "falcon_mamba", "mamba2", "rwkv", "recurrent_gemma"]
-FALLBACK_FAMILIES = ["llama", "zamba2"]
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from conftest import EXACT_FAMILIES, FALLBACK_FAMILIES
+from oprm_rag.testing import EXACT_FAMILIES, FALLBACK_FAMILIES
 
-ALL = EXACT_FAMILIES + FALLBACK_FAMILIES
+ALL = [*EXACT_FAMILIES, *FALLBACK_FAMILIES]
 
 
 def _ids(b, t, seed=0, vocab=300):

@@ -145,11 +145,12 @@ def test_ctrl_c_during_scoring_exits_130(model_dir, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 120
-    line = ""
-    while time.time() < deadline and "OPRM scoring" not in line:  # wait until scoring has begun
-        line = proc.stderr.read(64) or line
+    seen = ""
+    while time.time() < deadline and "OPRM scoring" not in seen:  # wait until scoring has begun
+        seen += proc.stderr.read(1)
         if proc.poll() is not None:
             break
+    assert proc.poll() is None, "the command ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]

@@ -9,7 +9,7 @@ decoding from a stored state are all exact.
 import pytest
 import torch
 
-from conftest import EXACT_FAMILIES, FALLBACK_FAMILIES
+from oprm_rag.testing import EXACT_FAMILIES, FALLBACK_FAMILIES
 from oprm_rag import OPRMSelector
 from oprm_rag.scoring import first_token_stats
 
@@ -36,7 +36,7 @@ def plain_greedy(lm, ids, n):
     return out
 
 
-@pytest.mark.parametrize("family", EXACT_FAMILIES + FALLBACK_FAMILIES)
+@pytest.mark.parametrize("family", [*EXACT_FAMILIES, *FALLBACK_FAMILIES])
 def test_scores_equal_a_plain_forward_of_the_exact_inputs(load_lm, family):
     lm = load_lm(family)
     sel = OPRMSelector(lm, chunk_tokens=24, max_batch_tokens=100, cache=False)
@@ -54,7 +54,7 @@ def test_scores_equal_a_plain_forward_of_the_exact_inputs(load_lm, family):
     assert worst < 1e-4, f"{family}: entropy differs from a plain forward by {worst}"
 
 
-@pytest.mark.parametrize("family", EXACT_FAMILIES + FALLBACK_FAMILIES)
+@pytest.mark.parametrize("family", [*EXACT_FAMILIES, *FALLBACK_FAMILIES])
 def test_answer_equals_plain_greedy_on_the_best_chunk(load_lm, family):
     lm = load_lm(family)
     sel = OPRMSelector(lm, chunk_tokens=24, idk_filter=False)
@@ -176,3 +176,14 @@ def test_batched_questions_share_batches_and_match_single(load_lm):
         one = sel.select(q, DOCS)
         assert [round(c.entropy, 5) for c in one.chunks] == [round(c.entropy, 5) for c in m.chunks]
     assert lm.counters["forward_calls"] > calls_before
+
+
+def test_a_text_given_twice_is_reported_at_both_positions(load_lm):
+    lm = load_lm("mamba")
+    sel = OPRMSelector(lm, chunk_tokens=24, cache=False)
+    res = sel.select(QUESTION, [DOCS[2], DOCS[1], DOCS[2]])
+    by_doc = {}
+    for c in res.chunks:
+        by_doc.setdefault(c.doc_index, []).append(c)
+    assert sorted(by_doc) == [0, 1, 2]
+    assert [c.entropy for c in by_doc[0]] == [c.entropy for c in by_doc[2]]

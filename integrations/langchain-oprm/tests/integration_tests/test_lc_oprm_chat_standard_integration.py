@@ -1,0 +1,39 @@
+"""LangChain's standard integration tests for ChatRecurrent, on a real (local) model.
+
+The model is the shipped demo model when its weights are present, else a tiny
+random-weight Mamba-2 (it produces odd text, but real tokens: a small ``max_tokens``
+keeps the suite fast). Tool calling and structured output are declared unsupported:
+these recurrent models were not trained for either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+from lc_oprm_support import other_model_path, primary_model_path
+
+from langchain_oprm import ChatRecurrent
+
+
+class TestChatRecurrentStandardIntegration(ChatModelIntegrationTests):
+    @property
+    def chat_model_class(self) -> type[ChatRecurrent]:
+        return ChatRecurrent
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        return {"model": primary_model_path(), "max_tokens": 8}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False
+
+    @property
+    def model_override_value(self) -> str:
+        # Per-call `model=` names another model folder; it loads once and is shared.
+        return other_model_path()

@@ -1,0 +1,60 @@
+"""Helpers shared by the OPRM LlamaIndex components: lazy model handles and a thread bridge.
+
+Every component here (LLM, postprocessor, query engine) names the one shared
+``RecurrentLM`` by path and resolves it on first use through
+``oprm_rag.registry.resolve_lm``, because LlamaIndex builds components eagerly (in
+``Settings``, in ``as_query_engine``) and loading weights there would load them again and
+again. The model runs on CPU/GPU for a long time per call, so the async methods run it in
+a worker thread and pass results back through an ``asyncio.Queue``: the event loop stays
+free while the model works.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Dict, Iterator, Optional, Tuple, TypeVar, Union
+
+if TYPE_CHECKING:  # pragma: no cover
+    from oprm_rag.lm import RecurrentLM
+
+__all__ = ["ModelArg", "split_model_arg", "resolve_model", "aiter_in_thread"]
+
+T = TypeVar("T")
+
+#: What ``model=`` accepts: a loaded ``RecurrentLM``, or a folder / hub name to load once.
+ModelArg = Union["RecurrentLM", str, Path]
+
+
+def split_model_arg(model: Any) -> Tuple[str, Optional["RecurrentLM"]]:
+    """``model=`` as a serialisable name plus the instance when one was given.
+
+    Pydantic fields must stay serialisable (LlamaIndex dumps components into events), so
+    components keep the name in a field and the instance in a private attribute.
+    """
+    from oprm_rag.lm import RecurrentLM
+
+    if isinstance(model, RecurrentLM):
+        return str(model.name), model
+    if isinstance(model, (str, Path)):
+        if not str(model).strip():
+            raise ValueError("model must name a model folder or hub id, got an empty string")
+        return str(model), None
+    raise TypeError(f"model must be a RecurrentLM or a path / hub name, got {type(model).__name__}")
+
+
+def resolve_model(name: str, held: Optional["RecurrentLM"], options: Dict[str, Any]) -> "RecurrentLM":
+    """The instance given at construction, else the process-wide shared one for ``name``."""
+    if held is not None:
+        return held
+    from oprm_rag.registry import resolve_lm
+
+    return resolve_lm(name, **options)
+
+
+async def aiter_in_thread(factory: Callable[[], Iterator[T]]) -> AsyncGenerator[T, None]:
+    """The engine's worker-thread bridge (``oprm_rag.aio.aiter_in_thread``): the model runs
+    off the event loop; stopping early stops the worker."""
+    from oprm_rag.aio import aiter_in_thread as _bridge
+
+    async for item in _bridge(factory):
+        yield item
