@@ -22,11 +22,35 @@ import torch
 
 from ..state import RecurrentState
 
-__all__ = ["Backend", "DecodeSession", "ForwardOutput", "KERNEL_CHOICES"]
+__all__ = ["Backend", "DecodeSession", "ForwardOutput", "StepInput", "KERNEL_CHOICES"]
 
 logger = logging.getLogger("oprm_rag")
 
 KERNEL_CHOICES = ("auto", "torch", "cuda")
+
+
+@dataclass
+class StepInput:
+    """One forward call's inputs, checked: ids on the device, the state (empty if none was
+    given, expanded from batch 1 if needed), left padding and its mask (None if none)."""
+
+    ids: torch.Tensor
+    state: RecurrentState
+    pad_left: torch.Tensor | None
+    mask: torch.Tensor | None
+
+    @property
+    def batch(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[1])
+
+    def position_after(self) -> torch.Tensor:
+        """Tokens consumed per row once this call is done (pads do not count)."""
+        real = self.length if self.pad_left is None else self.length - self.pad_left
+        return self.state.tensors["position"] + real
 
 
 @dataclass
@@ -126,6 +150,16 @@ class Backend(ABC):
     def session(self, state: RecurrentState) -> "DecodeSession":
         """A mutable cursor for token-by-token decoding from ``state``."""
         return DecodeSession(self, state)
+
+    def _begin(self, input_ids: torch.Tensor, state: RecurrentState | None,
+               pad_left: torch.Tensor | None) -> StepInput:
+        """The checks every ``forward`` starts with."""
+        b, t = input_ids.shape
+        if t == 0:
+            raise ValueError("forward needs at least one token")
+        state = self.empty_state(b) if state is None else self.check_state(state, b)
+        pad_left = self._check_padding(pad_left, t)
+        return StepInput(input_ids.to(self.device), state, pad_left, valid_mask(pad_left, b, t, self.device))
 
     def _check_padding(self, pad_left: torch.Tensor | None, t: int) -> torch.Tensor | None:
         if pad_left is None or not bool((pad_left > 0).any()):

@@ -13,19 +13,17 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.ssd import NEUTRAL, SSDParams, discretise_dt, ssd_scan, ssd_step, ssd_window_scan
-from ..state import RecurrentState
-from .base import Backend, ForwardOutput, shifted_conv_input, valid_mask
+from .base import StepInput, shifted_conv_input
+from .ssm_backbone import SSMBackboneBackend
 
 __all__ = ["Mamba2Backend"]
 
 
-class Mamba2Backend(Backend):
+class Mamba2Backend(SSMBackboneBackend):
     family = "mamba2"
-    supports_left_padding = True
 
     def __init__(self, model: Any, kernels: str = "auto", mitigation: Any = None) -> None:
         super().__init__(model, kernels)
-        self.backbone = model.backbone
         m = self.backbone.layers[0].mixer
         self.heads, self.head_dim, self.d_state = m.num_heads, m.head_dim, m.ssm_state_size
         self.groups, self.d_inner, self.conv_dim = m.n_groups, m.intermediate_size, m.conv_dim
@@ -42,68 +40,31 @@ class Mamba2Backend(Backend):
     def handles(cls, model: Any) -> bool:
         return getattr(model.config, "model_type", None) == "mamba2" and hasattr(model, "backbone")
 
-    def _require_cuda_kernels(self) -> None:
-        try:
-            import mamba_ssm  # noqa: F401
-        except ImportError as exc:
-            raise ImportError(
-                "mamba-ssm is not installed; install the CUDA extra: pip install 'oprm-rag[cuda]'."
-            ) from exc
+    def _empty_layer_state(self, i: int, batch_size: int) -> dict[str, torch.Tensor]:
+        f32 = dict(dtype=torch.float32, device=self.device)
+        out = {f"conv.{i}": torch.zeros(batch_size, self.conv_dim, self.kernel - 1, dtype=self.dtype,
+                                        device=self.device)}
+        if self.window is None:
+            out[f"ssm.{i}"] = torch.zeros(batch_size, self.heads, self.head_dim, self.d_state, **f32)
+        else:
+            w = self.window - 1
+            out[f"win_x.{i}"] = torch.zeros(batch_size, w, self.heads, self.head_dim, **f32)
+            out[f"win_B.{i}"] = torch.zeros(batch_size, w, self.heads, self.d_state, **f32)
+            out[f"win_A.{i}"] = torch.zeros(batch_size, w, self.heads, **f32)
+        return out
 
-    def empty_state(self, batch_size: int = 1) -> RecurrentState:
-        dev = self.device
-        tensors: dict[str, torch.Tensor] = {"position": torch.zeros(batch_size, dtype=torch.long, device=dev)}
-        for i in range(len(self.backbone.layers)):
-            tensors[f"conv.{i}"] = torch.zeros(batch_size, self.conv_dim, self.kernel - 1, dtype=self.dtype, device=dev)
-            if self.window is None:
-                tensors[f"ssm.{i}"] = torch.zeros(batch_size, self.heads, self.head_dim, self.d_state,
-                                                  dtype=torch.float32, device=dev)
-            else:
-                w = self.window - 1
-                f32 = dict(dtype=torch.float32, device=dev)
-                tensors[f"win_x.{i}"] = torch.zeros(batch_size, w, self.heads, self.head_dim, **f32)
-                tensors[f"win_B.{i}"] = torch.zeros(batch_size, w, self.heads, self.d_state, **f32)
-                tensors[f"win_A.{i}"] = torch.zeros(batch_size, w, self.heads, **f32)
-        return RecurrentState(self.family, tensors)
+    def _use_kernel(self, step: StepInput) -> bool:
+        return super()._use_kernel(step) and self.ssd_params.neutral and self.window is None
 
-    @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, state: RecurrentState | None = None, *,
-                all_logits: bool = False, pad_left: torch.Tensor | None = None) -> ForwardOutput:
-        b, t = input_ids.shape
-        state = self.empty_state(b) if state is None else self.check_state(state, b)
-        pad_left = self._check_padding(pad_left, t)
-        mask = valid_mask(pad_left, b, t, self.device)
-        use_kernel = self.use_cuda_kernels() and self.ssd_params.neutral and self.window is None
-        real = t if pad_left is None else t - pad_left
-        new: dict[str, torch.Tensor] = {"position": state.tensors["position"] + real}
-        hidden = self.backbone.embeddings(input_ids.to(self.device))
-        for i, layer in enumerate(self.backbone.layers):
-            residual = hidden
-            normed = layer.norm(hidden.to(dtype=layer.norm.weight.dtype))
-            if layer.residual_in_fp32:
-                residual = residual.to(torch.float32)
-            ssm = (state.tensors[f"ssm.{i}"] if self.window is None else
-                   tuple(state.tensors[f"win_{k}.{i}"] for k in "xBA"))
-            out, new[f"conv.{i}"], new_ssm = self._mixer(
-                layer.mixer, normed, state.tensors[f"conv.{i}"], ssm, use_kernel, mask, pad_left)
-            if self.window is None:
-                new[f"ssm.{i}"] = new_ssm
-            else:
-                new.update({f"win_{k}.{i}": v for k, v in zip("xBA", new_ssm)})
-            hidden = residual + out
-        hidden = self.backbone.norm_f(hidden)
-        if not all_logits:
-            hidden = hidden[:, -1]
-        return ForwardOutput(self._lm_head(hidden), RecurrentState(self.family, new))
-
-    def _mixer(self, mixer, hidden, conv_state, ssm_state, use_kernel, mask, pad_left):
+    def _mixer(self, i: int, mixer: Any, hidden: torch.Tensor, step: StepInput,
+               use_kernel: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         b, t, _ = hidden.shape
-        dtype = hidden.dtype
+        dtype, mask, tensors = hidden.dtype, step.mask, step.state.tensors
         gate, xbc, dt = mixer.in_proj(hidden).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
         if mask is not None:
             xbc = xbc * mask[..., None].to(xbc.dtype)
-        conv_in = shifted_conv_input(conv_state, xbc.transpose(1, 2), pad_left)
-        new_conv = conv_in[..., conv_in.shape[-1] - (self.kernel - 1):].contiguous()
+        conv_in = shifted_conv_input(tensors[f"conv.{i}"], xbc.transpose(1, 2), step.pad_left)
+        new = {f"conv.{i}": conv_in[..., conv_in.shape[-1] - (self.kernel - 1):].contiguous()}
         weight = mixer.conv1d.weight
         xbc = F.conv1d(conv_in.to(weight.dtype), weight, mixer.conv1d.bias, groups=self.conv_dim)
         xbc = mixer.act(xbc).to(dtype).transpose(1, 2)
@@ -119,17 +80,22 @@ class Mamba2Backend(Backend):
         B = B.reshape(b, t, self.groups, self.d_state)
         C = C.reshape(b, t, self.groups, self.d_state)
         if self.window is not None:
-            y, new_ssm = ssd_window_scan(x, dt, A, B, C, self.window, ssm_state, self.ssd_params)
-        elif use_kernel:
-            y, new_ssm = self._scan_cuda(x, dt, A, B, C, ssm_state)
-        elif t == 1:
-            y, new_ssm = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], ssm_state.float(), self.ssd_params)
-            y = y[:, None]
+            history = tuple(tensors[f"win_{k}.{i}"] for k in "xBA")
+            y, hist = ssd_window_scan(x, dt, A, B, C, self.window, history, self.ssd_params)
+            new.update({f"win_{k}.{i}": v for k, v in zip("xBA", hist)})
         else:
-            y, new_ssm = ssd_scan(x, dt, A, B, C, ssm_state, self.chunk_size, self.ssd_params)
+            h0 = tensors[f"ssm.{i}"]
+            if use_kernel:
+                y, h = self._scan_cuda(x, dt, A, B, C, h0)
+            elif t == 1:
+                y, h = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], h0.float(), self.ssd_params)
+                y = y[:, None]
+            else:
+                y, h = ssd_scan(x, dt, A, B, C, h0, self.chunk_size, self.ssd_params)
+            new[f"ssm.{i}"] = h
         y = y + x.float() * mixer.D.float()[:, None]
         y = mixer.norm(y.reshape(b, t, self.d_inner), gate)
-        return mixer.out_proj(y.to(dtype)), new_conv, new_ssm
+        return mixer.out_proj(y.to(dtype)), new
 
     def _scan_cuda(self, x, dt, A, B, C, h0):  # pragma: no cover - needs CUDA and mamba-ssm
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..state import RecurrentState
-from .base import Backend, ForwardOutput, shifted_conv_input, valid_mask
+from .base import Backend, ForwardOutput, shifted_conv_input
 
 __all__ = ["RecurrentGemmaBackend"]
 
@@ -105,21 +105,15 @@ class RecurrentGemmaBackend(Backend):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, state: RecurrentState | None = None, *,
                 all_logits: bool = False, pad_left: torch.Tensor | None = None) -> ForwardOutput:
-        b, t = input_ids.shape
-        if t == 0:
-            raise ValueError("forward needs at least one token")
-        state = self.empty_state(b) if state is None else self.check_state(state, b)
         self.use_cuda_kernels()  # no fused kernels: raises if kernels="cuda", else the torch path
-        pad_left = self._check_padding(pad_left, t)
-        valid = valid_mask(pad_left, b, t, self.device)
+        step = self._begin(input_ids, state, pad_left)
+        b, t, state, pad_left, valid = step.batch, step.length, step.state, step.pad_left, step.mask
         start = state.tensors["position"]
         positions = start[:, None] + torch.arange(t, device=start.device)  # [b, t] absolute
-        real = t
         if pad_left is not None:
             positions = positions - pad_left[:, None]  # real tokens count from the state; pads are masked
-            real = t - pad_left
-        new: dict[str, torch.Tensor] = {"position": start + real}
-        hidden = self.body.embed_tokens(input_ids.to(self.device))
+        new: dict[str, torch.Tensor] = {"position": step.position_after()}
+        hidden = self.body.embed_tokens(step.ids)
         # The model scales by its own normaliser buffer (sqrt(hidden) rounded to bfloat16).
         hidden = hidden * self.body.normalizer.type(hidden.dtype)
         for i, layer in enumerate(self.body.layers):

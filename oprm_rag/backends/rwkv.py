@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..state import RecurrentState
-from .base import Backend, ForwardOutput, valid_mask
+from .base import Backend, ForwardOutput
 
 __all__ = ["RwkvBackend", "wkv_chunked"]
 
@@ -132,12 +132,8 @@ class RwkvBackend(Backend):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, state: RecurrentState | None = None, *,
                 all_logits: bool = False, pad_left: torch.Tensor | None = None) -> ForwardOutput:
-        b, t = input_ids.shape
-        if t == 0:
-            raise ValueError("forward needs at least one token")
-        state = self.empty_state(b) if state is None else self.check_state(state, b)
-        pad_left = self._check_padding(pad_left, t)
-        valid = valid_mask(pad_left, b, t, self.device)
+        step = self._begin(input_ids, state, pad_left)
+        b, t, state, pad_left, valid = step.batch, step.length, step.state, step.pad_left, step.mask
         self.use_cuda_kernels()  # no fused kernels: raises if kernels="cuda", else the torch path
         body = self.body
         # transformers halves the hidden state every `rescale_every` blocks at inference
@@ -149,9 +145,8 @@ class RwkvBackend(Backend):
         every = int(getattr(self.config, "rescale_every", 0) or 0)
         halve = bool(getattr(body, "layers_are_rescaled", False)) and every > 0
 
-        real = t if pad_left is None else t - pad_left
-        new: dict[str, torch.Tensor] = {"position": state.tensors["position"] + real}
-        hidden = body.embeddings(input_ids.to(self.device))
+        new: dict[str, torch.Tensor] = {"position": step.position_after()}
+        hidden = body.embeddings(step.ids)
         for i, block in enumerate(body.blocks):
             if i == 0:
                 hidden = block.pre_ln(hidden)
