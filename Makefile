@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml integrations/langchain-oprm/pyproject.toml integrations
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev]" -e integrations/langchain-oprm -e integrations/llama-index-oprm
+	$(PIP) install -q -e ".[dev]" -e "integrations/langchain-oprm[dev]" -e "integrations/llama-index-oprm[test]"
 	$(MAKE) --no-print-directory browser
 	touch $(STAMP)
 

@@ -11,21 +11,20 @@ so that handoff works for them too.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, ClassVar, Iterator, Optional, Sequence
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import (AIMessage, AIMessageChunk, BaseMessage, ChatMessage, FunctionMessage,
                                      HumanMessage, SystemMessage, ToolMessage)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables.config import run_in_executor
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import Field
 
-from ._generation import Done, decode, iterate_in_thread, make_config
-from ._model import ModelLike, check_model, model_name, resolve, validate_model_field
+from ._base import RecurrentModelBase
+from ._generation import Done, decode, iterate_in_thread
 
 if TYPE_CHECKING:
-    from oprm_rag.generation import GenerationConfig
     from oprm_rag.lm import RecurrentLM
 
 __all__ = ["ChatRecurrent", "message_text", "message_role"]
@@ -67,7 +66,7 @@ def message_role(message: BaseMessage) -> str:
     raise TypeError(f"unsupported message type {type(message).__name__}")
 
 
-class ChatRecurrent(BaseChatModel):
+class ChatRecurrent(RecurrentModelBase, BaseChatModel):
     """A chat model over a recurrent LLM (Mamba, Mamba-2, RWKV, RecurrentGemma...).
 
     Construction never loads weights: ``model`` is a loaded ``oprm_rag.RecurrentLM``
@@ -93,55 +92,20 @@ class ChatRecurrent(BaseChatModel):
             chat.invoke("Hello")
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+    _ls_model_type: ClassVar[str] = "chat"
 
-    model: ModelLike = Field(description="An oprm_rag.RecurrentLM, or a model folder / hub name.")
-    max_tokens: int = Field(default=256, ge=0, description="Most new tokens per answer.")
-    temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
-    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(default=None, ge=1)
-    seed: Optional[int] = Field(default=None, description="Seed for sampling (temperature > 0).")
-    stop: Optional[list[str]] = Field(default=None, description="Stop strings (not included in the output).")
     use_chat_template: Optional[bool] = None
     streaming: bool = Field(default=False, description="Decode through _stream even on invoke.")
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _check_model(cls, value: Any) -> Any:
-        return validate_model_field(value)
 
     @property
     def _llm_type(self) -> str:
         return "oprm-recurrent-chat"
 
     @property
-    def model_name(self) -> str:
-        """The model's name or path (does not load it)."""
-        return model_name(self.model)
-
-    @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "max_tokens": self.max_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
-                "use_chat_template": self.use_chat_template}
-
-    def _get_ls_params(self, stop: Optional[list[str]] = None, **kwargs: Any) -> LangSmithParams:
-        override = kwargs.get("model")
-        params = LangSmithParams(
-            ls_provider="oprm", ls_model_type="chat",
-            ls_model_name=model_name(override) if override is not None else self.model_name,
-            ls_temperature=kwargs.get("temperature", self.temperature),
-            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens))
-        stops = stop if stop is not None else self.stop
-        if stops:
-            params["ls_stop"] = [stops] if isinstance(stops, str) else list(stops)
-        return params
+        return {**super()._identifying_params, "use_chat_template": self.use_chat_template}
 
     # ------------------------------------------------------------------ prompts
-    def get_lm(self, model: Any = None) -> "RecurrentLM":
-        """The shared ``RecurrentLM`` (``model`` overrides this instance's for one call)."""
-        return resolve(check_model(model) if model is not None else self.model)
-
     def render(self, messages: Sequence[BaseMessage], lm: Optional["RecurrentLM"] = None) -> tuple[str, bool]:
         """The prompt text for ``messages`` and whether the tokenizer adds its special tokens."""
         lm = lm or self.get_lm()
@@ -160,15 +124,6 @@ class ChatRecurrent(BaseChatModel):
         # No template: the same transcript RecurrentLM.chat_ids falls back to.
         return "".join(f"{t['role'].capitalize()}: {t['content']}\n" for t in turns) + "Assistant:", True
 
-    def get_token_ids(self, text: str) -> list[int]:
-        """Token ids from the model's own tokenizer (loads the model on first use)."""
-        if self.custom_get_token_ids is not None:
-            return self.custom_get_token_ids(text)
-        return self.get_lm().encode(text)
-
-    def get_num_tokens(self, text: str) -> int:
-        return len(self.get_token_ids(text))
-
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Optional[Sequence[Any]] = None) -> int:
         """Tokens of the whole rendered prompt, exactly as the model would read it."""
         if tools:
@@ -178,18 +133,10 @@ class ChatRecurrent(BaseChatModel):
         return len(lm.prompt_ids(text, add_special_tokens=special))
 
     # ------------------------------------------------------------------ running
-    def _config(self, stop: Optional[list[str]], kwargs: dict[str, Any]) -> "GenerationConfig":
-        defaults = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                    "top_k": self.top_k, "seed": self.seed}
-        return make_config(defaults, stop if stop is not None else self.stop, kwargs)
-
     def _pieces(self, messages: list[BaseMessage], stop: Optional[list[str]],
                 kwargs: dict[str, Any]) -> Iterator[Any]:
         """Text pieces as decoded, then one ``Done``. Blocking: async callers run it in a thread."""
-        kwargs = dict(kwargs)
-        override = kwargs.pop("model", None)
-        config = self._config(stop, kwargs)  # bad arguments fail before any weights load
-        lm = self.get_lm(override)
+        lm, config = self._setup(stop, kwargs)  # bad arguments fail before any weights load
         text, special = self.render(messages, lm)
         yield from decode(lm, text, config, add_special_tokens=special)
 

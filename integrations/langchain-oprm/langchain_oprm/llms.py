@@ -8,17 +8,16 @@ together, each stopping on its own.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator, ClassVar, Iterator, Optional
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseLLM, LangSmithParams
+from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation as LCGeneration
 from langchain_core.outputs import GenerationChunk, LLMResult
 from langchain_core.runnables.config import run_in_executor
-from pydantic import ConfigDict, Field, field_validator
 
-from ._generation import Done, decode, iterate_in_thread, make_config, start, usage_metadata
-from ._model import ModelLike, check_model, model_name, resolve, validate_model_field
+from ._base import RecurrentModelBase
+from ._generation import Done, decode, iterate_in_thread, start, usage_metadata
 
 if TYPE_CHECKING:
     from oprm_rag.generation import Generation, GenerationConfig
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["RecurrentLLM"]
 
 
-class RecurrentLLM(BaseLLM):
+class RecurrentLLM(RecurrentModelBase, BaseLLM):
     """A text-completion model over a recurrent LLM; returns only the new text.
 
     Construction never loads weights: ``model`` is a loaded ``oprm_rag.RecurrentLM``
@@ -45,69 +44,13 @@ class RecurrentLLM(BaseLLM):
             llm.batch(["The code of alpha is", "The code of beta is"])  # one decoding batch
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
-
-    model: ModelLike = Field(description="An oprm_rag.RecurrentLM, or a model folder / hub name.")
-    max_tokens: int = Field(default=256, ge=0, description="Most new tokens per answer.")
-    temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
-    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(default=None, ge=1)
-    seed: Optional[int] = Field(default=None, description="Seed for sampling (temperature > 0).")
-    stop: Optional[list[str]] = Field(default=None, description="Stop strings (not included in the output).")
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _check_model(cls, value: Any) -> Any:
-        return validate_model_field(value)
+    _ls_model_type: ClassVar[str] = "llm"
 
     @property
     def _llm_type(self) -> str:
         return "oprm-recurrent-llm"
 
-    @property
-    def model_name(self) -> str:
-        """The model's name or path (does not load it)."""
-        return model_name(self.model)
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {"model_name": self.model_name, "max_tokens": self.max_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed}
-
-    def _get_ls_params(self, stop: Optional[list[str]] = None, **kwargs: Any) -> LangSmithParams:
-        override = kwargs.get("model")
-        params = LangSmithParams(
-            ls_provider="oprm", ls_model_type="llm",
-            ls_model_name=model_name(override) if override is not None else self.model_name,
-            ls_temperature=kwargs.get("temperature", self.temperature),
-            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens))
-        stops = stop if stop is not None else self.stop
-        if stops:
-            params["ls_stop"] = [stops] if isinstance(stops, str) else list(stops)
-        return params
-
-    def get_lm(self, model: Any = None) -> "RecurrentLM":
-        """The shared ``RecurrentLM`` (``model`` overrides this instance's for one call)."""
-        return resolve(check_model(model) if model is not None else self.model)
-
-    def get_token_ids(self, text: str) -> list[int]:
-        """Token ids from the model's own tokenizer (loads the model on first use)."""
-        if self.custom_get_token_ids is not None:
-            return self.custom_get_token_ids(text)
-        return self.get_lm().encode(text)
-
-    def get_num_tokens(self, text: str) -> int:
-        return len(self.get_token_ids(text))
-
     # ------------------------------------------------------------------ running
-    def _setup(self, stop: Optional[list[str]], kwargs: dict[str, Any]) -> tuple["RecurrentLM", "GenerationConfig"]:
-        kwargs = dict(kwargs)
-        override = kwargs.pop("model", None)
-        defaults = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                    "top_k": self.top_k, "seed": self.seed}
-        config = make_config(defaults, stop if stop is not None else self.stop, kwargs)
-        return self.get_lm(override), config
-
     def _generate(self, prompts: list[str], stop: Optional[list[str]] = None,
                   run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> LLMResult:
         lm, config = self._setup(stop, kwargs)

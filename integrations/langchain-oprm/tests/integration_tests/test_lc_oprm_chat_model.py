@@ -3,26 +3,17 @@ async that leaves the event loop free, token counting and per-call overrides."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 import pytest
-from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from lc_oprm_support import LoopTicks, Tokens
 
 import langchain_oprm._generation as generation
 from langchain_oprm import ChatRecurrent
 
 MESSAGES = [SystemMessage("You answer briefly."), HumanMessage("The code of alpha is 1234. What is the code?")]
-
-
-class Tokens(BaseCallbackHandler):
-    def __init__(self) -> None:
-        self.tokens: list[str] = []
-
-    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
-        self.tokens.append(token)
 
 
 def _reference(lm: Any, text: str, special: bool, n: int, **kw: Any) -> Any:
@@ -103,23 +94,12 @@ async def test_async_paths_match_and_leave_the_loop_free(primary_path: str, monk
         return real_start(*args, **kwargs)
 
     monkeypatch.setattr(generation, "start", slow_start)
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    ticker = asyncio.create_task(tick())
     handler = Tokens()
-    try:
+    async with LoopTicks() as loop:
         assert (await chat.ainvoke(MESSAGES)).content == expected
         pieces = [c.content async for c in chat.astream(MESSAGES, config={"callbacks": [handler]})]
-    finally:
-        ticker.cancel()
     assert "".join(pieces) == expected == "".join(handler.tokens)
-    assert ticks >= 20, f"the event loop ran only {ticks} times during two slow prefills"
+    assert loop.ticks >= 20, f"the event loop ran only {loop.ticks} times during two slow prefills"
 
 
 async def test_leaving_astream_early_stops_decoding(primary_path: str, lm_for) -> None:

@@ -2,8 +2,8 @@
 
 The model is the shipped demo model when its weights are present, else a tiny
 random-weight Mamba-2 (it produces odd text, but real tokens: a small ``max_tokens``
-keeps the suite fast). Tool calling and structured output are declared unsupported:
-these recurrent models were not trained for either.
+keeps the suite fast). The class and the unsupported features are declared in
+``ChatRecurrentStandardSettings``, shared with the unit suite.
 """
 
 from __future__ import annotations
@@ -11,27 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from langchain_tests.integration_tests import ChatModelIntegrationTests
-from lc_oprm_support import other_model_path, primary_model_path
-
-from langchain_oprm import ChatRecurrent
+from lc_oprm_support import ChatRecurrentStandardSettings, other_model_path, primary_model_path
 
 
-class TestChatRecurrentStandardIntegration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatRecurrent]:
-        return ChatRecurrent
-
+class TestChatRecurrentStandardIntegration(ChatRecurrentStandardSettings, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         return {"model": primary_model_path(), "max_tokens": 8}
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return False
-
-    @property
-    def has_structured_output(self) -> bool:
-        return False
 
     @property
     def model_override_value(self) -> str:

@@ -6,19 +6,11 @@ import asyncio
 from typing import Any
 
 import pytest
-from langchain_core.callbacks import BaseCallbackHandler
+from lc_oprm_support import Tokens
 
 from langchain_oprm import RecurrentLLM
 
 PROMPTS = ["The code of alpha is", "Mamba models keep a fixed size state. Long documents", "Hello"]
-
-
-class Tokens(BaseCallbackHandler):
-    def __init__(self) -> None:
-        self.tokens: list[str] = []
-
-    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
-        self.tokens.append(token)
 
 
 def test_batch_is_one_decoding_batch_equal_to_one_by_one(primary_path: str, lm_for,

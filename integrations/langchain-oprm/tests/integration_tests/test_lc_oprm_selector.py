@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import time
@@ -13,7 +12,7 @@ import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
 from langchain_core.runnables import ConfigurableField
-from lc_oprm_support import DOC, OTHER_DOC, QUESTION, same_documents
+from lc_oprm_support import DOC, OTHER_DOC, QUESTION, LoopTicks, same_documents
 
 from langchain_oprm import OPRMSelector
 
@@ -136,24 +135,13 @@ async def test_abatch_shares_one_engine_call_off_the_event_loop(primary_path: st
         return real(items, **kwargs)
 
     monkeypatch.setattr(engine, "select_many", slow)
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    ticker = asyncio.create_task(tick())
-    try:
+    async with LoopTicks() as loop:
         batched = await sel.abatch(inputs)
         single = await sel.ainvoke(inputs[0])
         assert all(same_documents(x, y) for x, y in zip(batched, expected))
         assert same_documents(single, expected[0])
-    finally:
-        ticker.cancel()
     assert calls == [2, 1]
-    assert ticks >= 10, f"the event loop ran only {ticks} times while the model worked"
+    assert loop.ticks >= 10, f"the event loop ran only {loop.ticks} times while the model worked"
 
 
 def test_batch_reports_errors_per_input(primary_path: str) -> None:

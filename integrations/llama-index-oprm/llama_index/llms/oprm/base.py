@@ -24,13 +24,11 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from oprm_rag import DEMO_MODEL
-
-from .utils import ModelArg, aiter_in_thread, resolve_model, split_model_arg
+from .utils import LazyModel, aiter_in_thread
 
 if TYPE_CHECKING:  # pragma: no cover
     from oprm_rag.lm import RecurrentLM, TokenStream
@@ -45,7 +43,7 @@ _GENERATION_KEYS = {"max_new_tokens": "max_new_tokens", "max_tokens": "max_new_t
                     "stop": "stop", "stop_at_eos": "stop_at_eos"}
 
 
-class RecurrentLLM(CustomLLM):
+class RecurrentLLM(LazyModel, CustomLLM):
     """A recurrent LLM (Mamba, Mamba-2, RWKV, RecurrentGemma, ...) for LlamaIndex.
 
     ``model`` is a loaded ``RecurrentLM`` or a model folder / hub name; a path is loaded
@@ -59,7 +57,6 @@ class RecurrentLLM(CustomLLM):
     its training length; pass ``context_window=`` to report something else.
     """
 
-    model: str = Field(default=DEMO_MODEL, description="Model folder or hub name (the loaded model's name).")
     max_new_tokens: int = Field(default=64, ge=0, description="Tokens to generate at most per call.")
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
     top_k: Optional[int] = Field(default=None, ge=1, description="Sample from the k most likely tokens.")
@@ -77,25 +74,11 @@ class RecurrentLLM(CustomLLM):
     model_kwargs: Dict[str, Any] = Field(
         default_factory=dict, description="Options for loading a path (device, dtype, kernels, ...).")
 
-    _lm: Any = PrivateAttr(default=None)
-
-    def __init__(self, model: ModelArg = DEMO_MODEL, **kwargs: Any) -> None:
-        name, lm = split_model_arg(model)
-        super().__init__(model=name, **kwargs)
-        self._lm = lm
-
     @classmethod
     def class_name(cls) -> str:
         return "RecurrentLLM"
 
     # ------------------------------------------------------------------ model
-    @property
-    def lm(self) -> "RecurrentLM":
-        """The shared ``RecurrentLM`` (loaded on first access)."""
-        if self._lm is None:
-            self._lm = resolve_model(self.model, None, self.model_kwargs)
-        return self._lm
-
     @property
     def metadata(self) -> LLMMetadata:
         lm = self.lm

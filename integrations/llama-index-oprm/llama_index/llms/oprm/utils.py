@@ -14,10 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncGenerator, Callable, Dict, Iterator, Optional, Tuple, TypeVar, Union
 
+from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr
+
+from oprm_rag import DEMO_MODEL
+
 if TYPE_CHECKING:  # pragma: no cover
     from oprm_rag.lm import RecurrentLM
 
-__all__ = ["ModelArg", "split_model_arg", "resolve_model", "aiter_in_thread"]
+__all__ = ["ModelArg", "LazyModel", "split_model_arg", "resolve_model", "aiter_in_thread"]
 
 T = TypeVar("T")
 
@@ -49,6 +53,37 @@ def resolve_model(name: str, held: Optional["RecurrentLM"], options: Dict[str, A
     from oprm_rag.registry import resolve_lm
 
     return resolve_lm(name, **options)
+
+
+class LazyModel(BaseModel):
+    """The ``model`` every OPRM component takes, and the shared ``RecurrentLM`` behind it.
+
+    The field holds the model's name (serialisable, see ``split_model_arg``); a loaded
+    model given to the constructor is kept as is, and a path is resolved on first use of
+    ``lm``, never at construction. A component lists it before its LlamaIndex base class
+    (``class RecurrentLLM(LazyModel, CustomLLM)``), so this constructor runs first and
+    hands the name on. Subclasses declare ``model_kwargs`` (the loading options) among
+    their own fields, where it has always been in their field order.
+    """
+
+    model: str = Field(default=DEMO_MODEL, description="Model folder or hub name (the loaded model's name).")
+
+    _lm: Any = PrivateAttr(default=None)
+
+    if TYPE_CHECKING:  # pragma: no cover
+        model_kwargs: Dict[str, Any]
+
+    def __init__(self, model: ModelArg = DEMO_MODEL, **kwargs: Any) -> None:
+        name, lm = split_model_arg(model)
+        super().__init__(model=name, **kwargs)
+        self._lm = lm
+
+    @property
+    def lm(self) -> "RecurrentLM":
+        """The shared ``RecurrentLM`` (loaded on first access, never at construction)."""
+        if self._lm is None:
+            self._lm = resolve_model(self.model, None, self.model_kwargs)
+        return self._lm
 
 
 async def aiter_in_thread(factory: Callable[[], Iterator[T]]) -> AsyncGenerator[T, None]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, List, Optional
+from typing import List, Optional
 
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.callbacks import CBEventType, EventPayload
@@ -22,10 +22,6 @@ from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRan
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.prompts import BasePromptTemplate
 from llama_index.core.schema import NodeWithScore, QueryBundle
-
-from oprm_rag import DEMO_MODEL
-
-from llama_index.llms.oprm.utils import ModelArg, split_model_arg
 
 from .nodes import NodeDocuments, OPRMSelectorOptions, chunk_node
 from .prompts import oprm_qa_prompt
@@ -49,11 +45,6 @@ class OPRMNodePostprocessor(OPRMSelectorOptions, BaseNodePostprocessor):
     """
 
     top_n: int = Field(default=1, ge=1, description="Chunks to keep (the best first).")
-
-    def __init__(self, model: ModelArg = DEMO_MODEL, **kwargs: Any) -> None:
-        name, lm = split_model_arg(model)
-        super().__init__(model=name, **kwargs)
-        self._lm = lm
 
     @classmethod
     def class_name(cls) -> str:

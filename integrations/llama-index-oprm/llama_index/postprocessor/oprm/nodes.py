@@ -12,12 +12,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Sequence, Tuple
 
-from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field
 from llama_index.core.schema import BaseNode, MetadataMode, NodeRelationship, NodeWithScore, TextNode
 
-from oprm_rag import DEMO_MODEL
-
-from llama_index.llms.oprm.utils import resolve_model
+from llama_index.llms.oprm.utils import LazyModel
 
 if TYPE_CHECKING:  # pragma: no cover
     from oprm_rag.lm import RecurrentLM
@@ -60,10 +58,9 @@ def default_chunk_tokens(lm: "RecurrentLM") -> int:
     return max(8, min(_MAX_DEFAULT_CHUNK, trained // 2))
 
 
-class OPRMSelectorOptions(BaseModel):
-    """The ``OPRMSelector`` settings a LlamaIndex component exposes, and the lazy model."""
+class OPRMSelectorOptions(LazyModel):
+    """The ``OPRMSelector`` settings a LlamaIndex component exposes, over the lazy model."""
 
-    model: str = Field(default=DEMO_MODEL, description="Model folder or hub name (the loaded model's name).")
     chunk_tokens: Optional[int] = Field(
         default=None, ge=8, description="Chunk length in model tokens; None = half the model's training "
                                         "context, at most 2000.")
@@ -85,15 +82,6 @@ class OPRMSelectorOptions(BaseModel):
     show_progress: bool = Field(default=False, description="Show a progress bar over scored chunks.")
     model_kwargs: Dict[str, Any] = Field(default_factory=dict,
                                          description="Options for loading a path (device, dtype, ...).")
-
-    _lm: Any = PrivateAttr(default=None)
-
-    @property
-    def lm(self) -> "RecurrentLM":
-        """The shared ``RecurrentLM`` (loaded on first access, never at construction)."""
-        if self._lm is None:
-            self._lm = resolve_model(self.model, None, self.model_kwargs)
-        return self._lm
 
     def selector(self, top_k: int) -> "OPRMSelector":
         """A selector with these options over the shared model.

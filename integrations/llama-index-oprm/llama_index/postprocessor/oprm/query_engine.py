@@ -25,7 +25,7 @@ from llama_index.core.schema import BaseNode, NodeWithScore
 
 from oprm_rag import DEMO_MODEL
 
-from llama_index.llms.oprm.utils import ModelArg, aiter_in_thread, split_model_arg
+from llama_index.llms.oprm.utils import ModelArg, aiter_in_thread
 
 from .nodes import NodeDocuments, OPRMSelectorOptions, chunk_node
 
@@ -53,11 +53,6 @@ class OPRMQueryEngine(OPRMSelectorOptions, CustomQueryEngine):
     seed: Optional[int] = Field(default=None, description="Seed for sampling.")
     stop: List[str] = Field(default_factory=list, description="Stop strings.")
     generation_kwargs: Dict[str, Any] = Field(default_factory=dict, description="More GenerationConfig fields.")
-
-    def __init__(self, model: ModelArg = DEMO_MODEL, **kwargs: Any) -> None:
-        name, lm = split_model_arg(model)
-        super().__init__(model=name, **kwargs)
-        self._lm = lm
 
     @classmethod
     def class_name(cls) -> str:
