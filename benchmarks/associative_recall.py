@@ -38,10 +38,10 @@ def main() -> None:
     from oprm_rag.cache import DocumentStateCache
     from oprm_rag.recall_task import IDK_WORD, question_for, random_key
 
-    facts = [16, 64, 256] if args.quick else [16, 32, 64, 128, 256, 512, 1024]
+    facts = [16, 128] if args.quick else [16, 32, 64, 128, 256, 512, 1024]
     n_docs = args.docs or (1 if args.quick else 2)
-    n_present = args.present or (8 if args.quick else 24)
-    n_absent = args.absent or (4 if args.quick else 8)
+    n_present = args.present or (6 if args.quick else 24)
+    n_absent = args.absent or (2 if args.quick else 8)
     train = lm.training_context_tokens or 512
     big = max(64, train - 64)
     small = big // 2
@@ -69,8 +69,11 @@ def main() -> None:
                 if k not in keys:
                     absent.append(k)
             asks = [(f.key, f.value) for f in present] + [(k, IDK_WORD) for k in absent]
+            # One cache for every configuration: its key holds the chunking, so configurations
+            # that chunk alike (with and without the IDK filter) share the chunk states.
+            cache = DocumentStateCache(max_bytes=4 * 2**30)
             for name, kw in configs.items():
-                sel = OPRMSelector(lm, cache=DocumentStateCache(max_bytes=4 * 2**30), **kw)
+                sel = OPRMSelector(lm, cache=cache, **kw)
                 for key, want in asks:
                     got = sel.answer(question_for(key), doc.text, max_new_tokens=6).text.strip()
                     s = stats[name]

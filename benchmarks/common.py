@@ -35,6 +35,22 @@ def setup(args: argparse.Namespace):
     return resolve_lm(args.model or DEMO_MODEL)
 
 
+def document_run(description: str, quick: tuple[int, int] = (2048, 256), full: tuple[int, int] = (32768, 1024)):
+    """Parse the options of a one-document timing benchmark and load the model.
+
+    Returns ``(args, lm, doc_tokens, chunk_tokens, repeat)``: the sizes are the options'
+    when given, else the quick or the full defaults.
+    """
+    p = parser(description)
+    p.add_argument("--doc-tokens", type=int, default=None)
+    p.add_argument("--chunk-tokens", type=int, default=None)
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args()
+    lm = setup(args)
+    doc_tokens, chunk = quick if args.quick else full
+    return args, lm, args.doc_tokens or doc_tokens, args.chunk_tokens or chunk, 1 if args.quick else args.repeat
+
+
 def machine() -> dict[str, Any]:
     import torch
 

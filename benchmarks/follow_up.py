@@ -11,27 +11,19 @@ per-call overhead on both sides). Both sides answer with the same few decoded to
 
 from __future__ import annotations
 
-from benchmarks.common import parser, recall_document, setup, timed, write
+from benchmarks.common import document_run, recall_document, timed, write
 
 
 def main() -> None:
-    p = parser(__doc__)
-    p.add_argument("--doc-tokens", type=int, default=None)
-    p.add_argument("--chunk-tokens", type=int, default=None)
-    p.add_argument("--repeat", type=int, default=3)
-    args = p.parse_args()
-    lm = setup(args)
+    args, lm, doc_tokens, chunk, repeat = document_run(__doc__)
     from oprm_rag import OPRMSelector
     from oprm_rag.cache import DocumentStateCache
     from oprm_rag.recall_task import question_for
 
-    doc_tokens = args.doc_tokens or (4096 if args.quick else 32768)
-    chunk = args.chunk_tokens or (512 if args.quick else 1024)
     doc = recall_document(lm, doc_tokens // 28, doc_tokens, seed=3)
     key = doc.facts[len(doc.facts) // 2]
     # about 30 tokens of question (the template adds its own words)
     question = question_for(key.key) + " Reply with the four digits of that code only, nothing else."
-    repeat = 1 if args.quick else args.repeat
 
     def first():
         lm._prefix_states.clear()  # cold: nothing memoised, nothing cached

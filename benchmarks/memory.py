@@ -6,7 +6,11 @@ batch and state size, not on the document. The document cache is off here (it is
 bounded by its own byte budget, reported separately in its stats).
 
     python -m benchmarks.memory           # 8K, 64K, 256K, 1M tokens
-    python -m benchmarks.memory --quick   # 8K, 64K
+    python -m benchmarks.memory --quick   # 2K, 16K
+
+Scoring memory is set by ``max_batch_tokens`` (rows x tokens per model call), not by
+the document: the benchmark sets it to the smallest document's size, so every size
+runs full batches and the ratio measures what grows with the document.
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ import json, resource, sys, time
 from pathlib import Path
 from oprm_rag import DEMO_MODEL, OPRMSelector
 from oprm_rag.registry import resolve_lm
-path, question, model = sys.argv[1], sys.argv[2], sys.argv[3]
+path, question, model, chunk, batch_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 lm = resolve_lm(model or DEMO_MODEL)
 text = Path(path).read_text()
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
-ans = OPRMSelector(lm, chunk_tokens=1024, cache=False).answer(question, text, max_new_tokens=5)
+ans = OPRMSelector(lm, chunk_tokens=chunk, max_batch_tokens=batch_tokens, cache=False).answer(question, text, max_new_tokens=5)
 print(json.dumps({"chunks": len(ans.chunks), "seconds": time.perf_counter() - t0,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "rss_before_answer_mib": base / 1024, "doc_chars": len(text), "answer": ans.text}))
@@ -42,7 +46,8 @@ print(json.dumps({"chunks": len(ans.chunks), "seconds": time.perf_counter() - t0
 def main() -> None:
     p = parser(__doc__)
     args = p.parse_args()
-    sizes = [8192, 65536] if args.quick else [8192, 65536, 262144, 1048576]
+    sizes = [2048, 16384] if args.quick else [8192, 65536, 262144, 1048576]
+    chunk, batch_tokens = (256, 2048) if args.quick else (1024, 8192)
     lm = setup(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,7 +56,7 @@ def main() -> None:
             f = Path(tmp) / f"doc_{n}.txt"
             f.write_text(doc.text)
             q = question_for(doc.facts[len(doc.facts) // 2].key)
-            out = subprocess.run([sys.executable, "-c", CHILD, str(f), q, args.model or ""], capture_output=True,
+            out = subprocess.run([sys.executable, "-c", CHILD, str(f), q, args.model or "", str(chunk), str(batch_tokens)], capture_output=True,
                                  text=True, check=True)
             rows.append({"tokens": lm.count_tokens(doc.text), **json.loads(out.stdout.strip().splitlines()[-1])})
             print(rows[-1], flush=True)
@@ -72,7 +77,7 @@ def main() -> None:
                      f"the {rows[0]['tokens']}-token peak", fontsize=9)
         ax.legend(fontsize=8)
 
-    write("memory", args.out, {"rows": rows, "chunk_tokens": 1024, "cache": "off",
+    write("memory", args.out, {"rows": rows, "chunk_tokens": chunk, "max_batch_tokens": batch_tokens, "cache": "off",
                                "target_ratio_largest_to_smallest": 1.1}, plot, quick=args.quick)
 
 

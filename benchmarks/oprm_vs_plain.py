@@ -10,28 +10,20 @@ inference prefills P + D + Q once. The ratio says what chunk-level selection cos
 
 from __future__ import annotations
 
-from benchmarks.common import parser, recall_document, setup, timed, write
+from benchmarks.common import document_run, recall_document, timed, write
 
 
 def main() -> None:
-    p = parser(__doc__)
-    p.add_argument("--doc-tokens", type=int, default=None)
-    p.add_argument("--chunk-tokens", type=int, default=None)
-    p.add_argument("--repeat", type=int, default=3)
-    args = p.parse_args()
-    lm = setup(args)
+    args, lm, doc_tokens, chunk, repeat = document_run(__doc__)
     from oprm_rag import OPRMSelector
     from oprm_rag.recall_task import question_for
 
-    doc_tokens = args.doc_tokens or (4096 if args.quick else 32768)
-    chunk = args.chunk_tokens or (512 if args.quick else 1024)
     doc = recall_document(lm, doc_tokens // 28, doc_tokens, seed=4)
     question = question_for(doc.facts[3].key)
     sel = OPRMSelector(lm, chunk_tokens=chunk, cache=False)
     prefix, q_ids = sel._prefix_ids(), sel._question_ids(question)
     doc_ids = lm.encode(doc.text)
     lm.prefix_state(prefix)  # the shared prefix: computed once, kept
-    repeat = 1 if args.quick else args.repeat
 
     t_plain, _ = timed(lambda: lm.prefill(prefix + doc_ids + q_ids), repeat)
     t_oprm, res = timed(lambda: sel.select(question, doc.text), repeat)

@@ -54,8 +54,8 @@ def main() -> None:
 
     train = lm.training_context_tokens or 512
     chunk = max(64, train - 64)
-    doc_tokens = 2048 if args.quick else 4096
-    n_q = args.questions or (4 if args.quick else 20)
+    doc_tokens = 1024 if args.quick else 4096
+    n_q = args.questions or (2 if args.quick else 20)
     doc = recall_document(lm, doc_tokens // 28, doc_tokens, seed=21)
     rng = random.Random(22)
     facts = rng.sample(list(zip(doc.facts, doc.fact_spans)), n_q)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ["mamba1_scan", "follow_up", "oprm_vs_plain", "memory", "associative_recall", "state_collapse",
+BENCHMARKS = ["exactness", "mamba1_scan", "follow_up", "oprm_vs_plain", "memory", "associative_recall", "state_collapse",
               "peers", "handoff"]
 
 

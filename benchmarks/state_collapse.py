@@ -51,7 +51,7 @@ def main() -> None:
     from oprm_rag.recall_task import question_for
 
     train = base.training_context_tokens or 512
-    doc_tokens = 4 * train if args.quick else 16 * train
+    doc_tokens = 2 * train if args.quick else 16 * train
     chunk = max(64, train - 64)
     configs = {
         "plain": None,
@@ -75,8 +75,8 @@ def main() -> None:
     loss[f"OPRM chunks of {chunk}"] = _nll_by_position(base, ids, prefix, chunk, bin_size)
     print({k: [round(x, 2) for x in v[:: max(1, len(v) // 8)]] for k, v in loss.items()}, flush=True)
 
-    lengths = [train // 2, 2 * train, 8 * train] if not args.quick else [train // 2, 4 * train]
-    n_q = 8 if args.quick else 24
+    lengths = [train // 2, 2 * train, 8 * train] if not args.quick else [train // 2, 2 * train]
+    n_q = 4 if args.quick else 24
     recall = {name: [] for name in [*models, "OPRM"]}
     for L in lengths:
         rng = random.Random(L)

@@ -23,8 +23,9 @@ class CLIError(Exception):
         self.code = code
 
 
-def _chunk_tokens(value: str) -> int | str | None:
-    if value in ("auto", "none", "None"):
+def parse_chunk_tokens(value: str) -> int | str | None:
+    """``--chunk-tokens``: a number of tokens, ``auto`` (from state capacity) or ``none`` (plain)."""
+    if value.lower() in ("auto", "none"):
         return None if value.lower() == "none" else "auto"
     try:
         n = int(value)
@@ -40,7 +41,7 @@ def _common(p: argparse.ArgumentParser, question: bool = True) -> None:
     if question:
         p.add_argument("-q", "--question", required=True, help="the question to answer")
     _model_args(p)
-    p.add_argument("--chunk-tokens", type=_chunk_tokens, default="auto",
+    p.add_argument("--chunk-tokens", type=parse_chunk_tokens, default="auto",
                    help="tokens per chunk, 'auto' (from the model's state capacity) or 'none' (plain inference)")
     p.add_argument("--top-k", type=int, default=1, help="chunks to answer from (joined in document order)")
     p.add_argument("--no-idk-filter", action="store_true", help="keep chunks whose first answer token is the IDK word")

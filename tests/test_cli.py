@@ -10,6 +10,7 @@ import time
 import pytest
 
 from oprm_rag.cli import main
+from oprm_rag.testing import pdf_bytes
 
 DOC = ("The code of alpha is 1234. Mamba models keep a fixed size state. " * 10
        + "OPRM splits the context into chunks. The code of beta is 5678. " * 6)
@@ -114,27 +115,8 @@ def test_real_pdf_is_read(model_dir, tmp_path, capsys):
     from oprm_rag.readers import read_document
 
     pdf = tmp_path / "doc.pdf"
-    _write_pdf(pdf, "The code of alpha is 1234.")
+    pdf.write_bytes(pdf_bytes(["The code of alpha is 1234."]))
     assert "The code of alpha is 1234." in read_document(pdf).text
-
-
-def _write_pdf(path, text):
-    """A minimal one-page PDF with ``text`` (Helvetica), built by hand."""
-    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
-    objs = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-            b"/Resources << /Font << /F1 5 0 R >> >> >>",
-            b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
-            b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
-    out, offsets = bytearray(b"%PDF-1.4\n"), []
-    for i, o in enumerate(objs, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % i + o + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
-    out += b"".join(b"%010d 00000 n \n" % off for off in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
-    path.write_bytes(bytes(out))
 
 
 def test_ctrl_c_during_scoring_exits_130(model_dir, tmp_path):

@@ -41,7 +41,12 @@ INSTRUCTION = (
     "Read the text and answer the question with the code. "
     f"If the text does not give the code, answer {IDK_WORD}.\n\nText:\n"
 )
-QUESTION_TEMPLATE = "\n\nQuestion: {question}\nAnswer:"
+# The answer follows the question's last token directly. A recurrent layer looks a key up
+# through its 4-token convolution window; every template token between the key and the
+# answer pushes the key out of that window. On synthetic associative recall (2 layers,
+# 3-token keys, 200 steps) accuracy was 0.90 with one token between key and answer and
+# 0.22 with four, so the template adds nothing after the question.
+QUESTION_TEMPLATE = "\n\nQuestion: {question}"
 ANSWER_TEMPLATE = " {answer}"
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -79,7 +84,12 @@ def build_tokenizer(vocab_size: int, sentences: tuple[str, ...], out: Path):
     # Every digit after a space must be one token ("Ġ7"), or an answer's first token would
     # be a bare space for some codes: teach those merges explicitly.
     digits = " ".join("0123456789")
-    corpus = list(sentences) + [template] * 2000 + [f"is {digits}. The code of {digits}."] * 2000
+    # Keys are random letter strings. Left to the prose's merges they split into single
+    # letters (up to 9 tokens), too long for a small model to bind to a value; made-up keys
+    # in the tokenizer's corpus teach it letter-pair merges, so a key is 2-5 tokens.
+    key_rng = random.Random(0)
+    keys = [f"The code of {random_key(key_rng)} is" for _ in range(20000)]
+    corpus = list(sentences) + [template] * 2000 + [f"is {digits}. The code of {digits}."] * 2000 + keys
     tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, unk_token=None,
@@ -118,8 +128,8 @@ class Batcher:
         longest = int(min(room, 120) + max(0, room - 120) * min(1.0, 2.0 * self.progress))
         doc_tokens = rng.randint(min(24, longest), longest) if rng.random() < 0.75 else longest
         # Filler ramps in: documents start as facts only (every token matters for recall),
-        # and reach one fact per 12-64 tokens of prose by 40% of training.
-        ramp = min(1.0, max(0.0, (self.progress - 0.05) / 0.35))
+        # and reach one fact per 12-42 tokens of prose by 45% of training.
+        ramp = min(1.0, max(0.0, (self.progress - 0.12) / 0.33))
         per_fact = rng.uniform(11 + 1 * ramp, 11 + 30 * ramp)
         n_facts = 0 if rng.random() < 0.04 else max(1, round(doc_tokens / per_fact))
         fact_chars = n_facts * 28
@@ -204,7 +214,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=3072)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--state", type=int, default=64)

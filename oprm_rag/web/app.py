@@ -37,6 +37,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..cli import parse_chunk_tokens
 from ..lm import RecurrentLM
 from .documents import DocumentError, DocumentStore, clean_name, read_upload
 from .engine import AskRun, Engine, Event, ModelUnavailable
@@ -263,20 +264,6 @@ async def _ndjson(run: AskRun, first: Event, doc_id: str) -> AsyncIterator[bytes
 
 
 # ---------------------------------------------------------------------- command line
-def _chunk_tokens(value: str) -> int | str | None:
-    if value.lower() == "none":
-        return None
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError("--chunk-tokens takes a number of tokens, 'auto' or 'none'") from None
-    if n < 8:
-        raise argparse.ArgumentTypeError("--chunk-tokens must be at least 8")
-    return n
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m oprm_rag.web",
                                 description="Serve the oprm-rag long-document QA page.")
@@ -285,7 +272,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model folder or hub name (default: the shipped demo model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--chunk-tokens", type=_chunk_tokens, default="auto",
+    p.add_argument("--chunk-tokens", type=parse_chunk_tokens, default="auto",
                    help="tokens per chunk, 'auto' (from the model's state capacity) or 'none'")
     p.add_argument("--boundary", choices=["sentence", "paragraph", "none"], default="sentence")
     p.add_argument("--max-new-tokens", type=int, default=64, help="default answer length in tokens")

@@ -1,0 +1,90 @@
+"""Every benchmark's ``--quick`` mode runs here, so the scripts cannot rot.
+
+Each one runs in its own process on the shipped model, writes its JSON and PNG into a
+temporary folder (never over the committed full results), and the JSON is checked for
+the fields the README quotes. Wall-clock numbers are written, never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from oprm_rag import DEMO_MODEL
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(DEMO_MODEL, "model.safetensors").is_file(),
+                       reason="the shipped demo model is missing: run `make train-demo-model`"),
+]
+
+
+def _run(name: str, out: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / f"{name}_quick.json").read_text())
+    assert data["quick"] is True and data["benchmark"] == name
+    assert (out / f"{name}_quick.png").stat().st_size > 1000
+    return data
+
+
+def _finite(*xs: float) -> bool:
+    return all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in xs)
+
+
+def test_mamba1_scan_quick(tmp_path):
+    data = _run("mamba1_scan", tmp_path)
+    for row in data["rows"]:
+        assert row["max_abs_logit_diff"] < 1e-3  # the fast scan is the same function
+        assert _finite(row["transformers_tok_s"], row["ours_tok_s"], row["speedup"])
+
+
+def test_follow_up_quick(tmp_path):
+    data = _run("follow_up", tmp_path)
+    assert data["same_answer"] is True  # the cached follow-up answers exactly as from scratch
+    assert _finite(data["speedup"], data["token_bound"])
+
+
+def test_oprm_vs_plain_quick(tmp_path):
+    data = _run("oprm_vs_plain", tmp_path)
+    assert _finite(data["ratio"], data["plain_prefill_seconds"], data["oprm_select_seconds"])
+
+
+def test_memory_quick(tmp_path):
+    data = _run("memory", tmp_path)
+    assert [r["tokens"] > 0 for r in data["rows"]] == [True, True]
+    assert data["rows"][1]["chunks"] > data["rows"][0]["chunks"]
+    assert _finite(*(r["ratio_to_smallest"] for r in data["rows"]))
+
+
+def test_associative_recall_quick(tmp_path):
+    data = _run("associative_recall", tmp_path)
+    assert data["rows"] and all(0.0 <= v <= 1.0 for r in data["rows"] for k, v in r.items()
+                                if k.startswith(("plain", "oprm")))
+
+
+def test_state_collapse_quick(tmp_path):
+    _run("state_collapse", tmp_path)
+
+
+def test_peers_quick(tmp_path):
+    _run("peers", tmp_path)
+
+
+def test_handoff_quick(tmp_path):
+    _run("handoff", tmp_path)
+
+
+def test_exactness_quick(tmp_path):
+    data = _run("exactness", tmp_path)
+    families = {r["class"] for r in data["rows"]}
+    assert {"MambaForCausalLM", "FalconMambaForCausalLM", "Mamba2ForCausalLM", "RwkvForCausalLM",
+            "RecurrentGemmaForCausalLM"} <= families
+    assert data["worst"] < 1e-4
