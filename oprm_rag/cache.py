@@ -138,7 +138,11 @@ class DocumentStateCache:
             if event is not None:
                 return Claim("wait", key, event=event)
             self._inflight[key] = threading.Event()
-        entry = self._load(key, model_identity)
+        try:
+            entry = self._load(key, model_identity)
+        except BaseException:  # an unreadable file (gone, no permission): never leave waiters hanging
+            self._finish(key)
+            raise
         if entry is not None:
             with self._lock:
                 self._stats.hits += 1
@@ -238,7 +242,7 @@ class DocumentStateCache:
             logits = tensors["chunk_end_logits"]
             if "position" not in states.tensors or states.batch_size != len(spans) or logits.shape[0] != len(spans):
                 raise StateFormatError("entry shapes do not match its chunk spans")
-        except (StateFormatError, KeyError, ValueError, json.JSONDecodeError) as exc:
+        except (StateFormatError, KeyError, ValueError, json.JSONDecodeError, OSError) as exc:
             logger.warning("dropping bad cache file %s (%s); recomputing", path.name, exc)
             with self._lock:
                 self._stats.bad_files += 1

@@ -38,10 +38,15 @@ class AutoChunk:
 
 
 def state_size_millions(lm: Any) -> float:
-    """Recurrent state floats per sequence, in millions (SSM/recurrent parts only)."""
+    """Recurrent memory floats per sequence, in millions.
+
+    The law's N_S is the recurrent memory: Mamba's SSM state, RecurrentGemma's RG-LRU
+    state, RWKV's WKV state. Convolution and token-shift buffers (a few past inputs) and
+    RecurrentGemma's local-attention window are not memory of the text and do not count.
+    """
     total = 0
     for name, t in lm.backend.empty_state(1).tensors.items():
-        if name.startswith(("ssm.", "rg_lru.", "att_")) or name in ("att_x", "att_a", "att_b", "att_p", "ffn_x"):
+        if name.startswith(("ssm.", "rglru.", "wkv.")):
             total += t.numel()
     return total / 1e6
 

@@ -36,10 +36,10 @@ def parse_chunk_tokens(value: str) -> int | str | None:
     return n
 
 
-def _common(p: argparse.ArgumentParser, question: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, question: str | None, required: bool = False) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help=".txt, .md or .pdf files; - reads stdin")
     if question:
-        p.add_argument("-q", "--question", required=True, help="the question to answer")
+        p.add_argument("-q", "--question", required=required, help=question)
     _model_args(p)
     p.add_argument("--chunk-tokens", type=parse_chunk_tokens, default="auto",
                    help="tokens per chunk, 'auto' (from the model's state capacity) or 'none' (plain inference)")
@@ -63,13 +63,13 @@ def _parser() -> argparse.ArgumentParser:
                                      "recurrent LLMs, using OPRM chunk selection.")
     sub = parser.add_subparsers(dest="command", required=True)
     ask = sub.add_parser("ask", help="answer one question about the files")
-    _common(ask)
+    _common(ask, question="the question to answer (required unless --summary; with it, what to summarise for)")
     ask.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ask.add_argument("--summary", action="store_true", help="summarise: decode from every chunk, in document order")
     chat = sub.add_parser("chat", help="ask questions in a loop over the same files (states are reused)")
-    _common(chat, question=False)
+    _common(chat, question=None)
     ins = sub.add_parser("inspect", help="show every chunk's entropy; --plot writes a PNG")
-    _common(ins)
+    _common(ins, question="the question to score the chunks for", required=True)
     ins.add_argument("--plot", help="PNG path for the entropy chart")
     sub.add_parser("serve", help="the web QA page (its options: oprm-rag serve --help)", add_help=False)
     demo = sub.add_parser("demo", help="plain inference against OPRM on the shipped model")
@@ -122,11 +122,13 @@ def _documents(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 def _cmd_ask(args: argparse.Namespace) -> int:
     from .report import describe_chunk
 
+    if not args.summary and not args.question:
+        raise CLIError("ask needs a question: -q \"...\" (or --summary to summarise the files)", EXIT_USAGE)
     names, texts = _documents(args)
     lm = _load(args)
     sel = _selector(lm, args)
     try:
-        stream = (sel.stream_summary(texts, max_new_tokens=args.max_new_tokens) if args.summary
+        stream = (sel.stream_summary(texts, args.question, max_new_tokens=args.max_new_tokens) if args.summary
                   else sel.stream(args.question, texts, max_new_tokens=args.max_new_tokens))
         if args.json:
             text = stream.text()
@@ -140,7 +142,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     ans = stream.answer
     if args.json:
         print(json.dumps({
-            "question": None if args.summary else args.question,
+            "question": args.question,
             "answer": text, "all_idk": ans.all_idk, "usage": ans.usage,
             "winner": ({**ans.chunk.to_dict(), "file": names[ans.chunk.doc_index]} if ans.chunk else None),
             "chunks": [{**c.to_dict(), "file": names[c.doc_index]} for c in ans.chunks],

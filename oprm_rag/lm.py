@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["RecurrentLM", "TokenStream", "PromptStart"]
 
 logger = logging.getLogger("oprm_rag")
+_ENCODED_MAX_BYTES = 256 * 2**20  # recent tokenisations kept for follow-up questions
 
 #: Tokens per forward call when prefilling one long sequence; bounds activation memory.
 PREFILL_SLICE = 4096
@@ -96,6 +97,11 @@ class RecurrentLM:
         self._identity: str | None = None
         self._cache: Any = None
         self.counters = {"prefill_tokens": 0, "decode_tokens": 0, "forward_calls": 0}
+        # Recent documents' tokenisations: a follow-up question about the same text needs its
+        # token ids again (for the cache key and the chunks), and re-tokenising a long
+        # document would cost more than the follow-up itself. Bounded by bytes.
+        self._encoded: "OrderedDict[tuple[int, str], tuple[Any, Any]]" = OrderedDict()
+        self._encoded_bytes = 0
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -240,7 +246,23 @@ class RecurrentLM:
         """
         from .tokenize import encode_with_offsets
 
-        return encode_with_offsets(self.tokenizer, text)
+        key = (len(text), hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest())
+        with self._lock:
+            hit = self._encoded.get(key)
+            if hit is not None:
+                self._encoded.move_to_end(key)
+                return hit[0].copy(), hit[1].copy()  # callers own their arrays
+        ids, offsets = encode_with_offsets(self.tokenizer, text)
+        size = ids.nbytes + offsets.nbytes
+        if size <= _ENCODED_MAX_BYTES // 4:
+            with self._lock:
+                if key not in self._encoded:
+                    self._encoded[key] = (ids.copy(), offsets.copy())
+                    self._encoded_bytes += size
+                while self._encoded_bytes > _ENCODED_MAX_BYTES:
+                    _, (old_ids, old_offsets) = self._encoded.popitem(last=False)
+                    self._encoded_bytes -= old_ids.nbytes + old_offsets.nbytes
+        return ids, offsets
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -23,7 +23,7 @@ def _read_pdf(path: Path) -> str:
     try:
         from pypdf import PdfReader
         from pypdf.errors import PdfReadError
-    except ImportError as exc:  # pragma: no cover - pypdf is in the default install
+    except ImportError as exc:  # pragma: no cover - pypdf comes with the [pdf] and [web] extras
         raise DocumentError("reading PDF files needs pypdf: pip install 'oprm-rag[pdf]'") from exc
     try:
         reader = PdfReader(str(path))

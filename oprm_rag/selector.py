@@ -311,7 +311,7 @@ class OPRMSelector:
         return self.select_many([(question, documents)], return_inputs=return_inputs)[0]
 
     def select_many(self, items: Sequence[tuple[str, str | Sequence[str]]], *,
-                    return_inputs: bool = False, question_template: str | None = None) -> list[SelectionResult]:
+                    return_inputs: bool = False) -> list[SelectionResult]:
         """Several (question, documents) pairs in shared model batches; documents
         shared between questions are chunked and prefilled once."""
         if not items:
@@ -327,7 +327,7 @@ class OPRMSelector:
                     texts[text] = len(docs)
                     docs.append(self._tokenize(text, len(docs)))
                 uids.append(texts[text])
-            ids = self._question_ids(question) if question_template is None else self.lm.encode(question_template)
+            ids = self._question_ids(question)
             questions.append(_Question(question, ids, uids, CandidatePool(self.top_k, self.fallback is not None)))
         prefix_ids = self._prefix_ids()
         for _ in self._run(prefix_ids, docs, questions, return_inputs):
@@ -359,7 +359,7 @@ class OPRMSelector:
     def stream(self, question: str, documents: str | Sequence[str], *, max_new_tokens: int = 64,
                return_inputs: bool = False, **generation: Any) -> AnswerStream:
         """Like :meth:`answer`, as an iterator of text pieces (``.answer`` at the end)."""
-        result = self.select(question, documents, return_inputs=True)
+        result = self.select(question, documents, return_inputs=return_inputs)
         return self.stream_from(result, max_new_tokens=max_new_tokens, return_inputs=return_inputs, **generation)
 
     def stream_from(self, result: SelectionResult, *, max_new_tokens: int = 64, return_inputs: bool = False,
@@ -412,11 +412,11 @@ class OPRMSelector:
         for q in questions:
             q.tokens += 0 if prefix_known else len(prefix_ids)
 
-        self._claim(docs, prefix_ids)
-        pending = [d for d in docs if d.claim is not None and d.claim.status == "wait"]
-        ready = [d for d in docs if d not in pending]
         progress = self._progress(sum(len(d.chunks) for d in docs))
         try:
+            self._claim(docs, prefix_ids)  # inside: a failure part-way abandons what was claimed
+            pending = [d for d in docs if d.claim is not None and d.claim.status == "wait"]
+            ready = [d for d in docs if d not in pending]
             yield from self._process(ready, prefix, prefix_ids, questions_of, return_inputs, need_logits, exact,
                                      progress, ordered)
             for d in pending:  # another thread was computing these: take its result, or compute
@@ -526,8 +526,10 @@ class OPRMSelector:
     def _chunk_states(self, part, prefix, need_logits, exact
                       ) -> tuple[RecurrentState, torch.Tensor | None, list[bool]]:
         """States after [P, C_i] for a batch of chunks: from the cache, or one model call."""
-        have = [d.cached.states.select(c.index) if d.cached is not None else None for d, c in part]
-        logits: list[torch.Tensor | None] = [d.cached.chunk_end_logits[c.index] if d.cached is not None
+        # Cached entries live on the CPU: move what this batch takes to the model's device.
+        device = self.lm.device
+        have = [d.cached.states.select(c.index).to(device) if d.cached is not None else None for d, c in part]
+        logits: list[torch.Tensor | None] = [d.cached.chunk_end_logits[c.index].to(device) if d.cached is not None
                                              and d.cached.chunk_end_logits.numel() else None for d, c in part]
         todo = [r for r, s in enumerate(have) if s is None]
         if todo:
@@ -652,7 +654,7 @@ class OPRMSelector:
     def _summarize(self, question: str, documents, cfg: GenerationConfig, holder: AnswerStream) -> Iterator[str]:
         self._check_question(question)
         docs = [self._tokenize(t, i) for i, t in enumerate(self._as_documents(documents))]
-        q_ids = self.lm.encode(self.prompt.split(question, self.lm.tokenizer)[1])
+        q_ids = self._question_ids(question)
         q = _Question(question, q_ids, [d.uid for d in docs], CandidatePool(1, True))
         prefix_ids = self._prefix_ids()
         parts: list[tuple[tuple[int, int], str]] = []

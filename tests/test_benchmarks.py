@@ -71,15 +71,26 @@ def test_associative_recall_quick(tmp_path):
 
 
 def test_state_collapse_quick(tmp_path):
-    _run("state_collapse", tmp_path)
+    data = _run("state_collapse", tmp_path)
+    curves = data["loss_by_position"]
+    assert curves and all(math.isfinite(x) for curve in curves.values() for x in curve)
+    assert all(0.0 <= a <= 1.0 for accs in data["recall"].values() for a in accs)
 
 
 def test_peers_quick(tmp_path):
-    _run("peers", tmp_path)
+    data = _run("peers", tmp_path)
+    assert set(data["results"]) == {"llm_rerank", "question_perplexity", "oprm_cold", "oprm"}
+    for row in data["results"].values():
+        assert 0.0 <= row["hit_rate"] <= 1.0 and _finite(row["seconds_per_question"])
 
 
 def test_handoff_quick(tmp_path):
-    _run("handoff", tmp_path)
+    summary = _run("handoff", tmp_path)["summary"]
+    # Every chat turn after a selection resumes from the selected state, and says so;
+    # the resumed answer equals the one from a full prefill, and prefills fewer tokens.
+    assert summary["hits"] == summary["questions"] > 0
+    assert summary["all_same_answers"] is True
+    assert summary["prefill_tokens_with"] < summary["prefill_tokens_without"]
 
 
 def test_exactness_quick(tmp_path):

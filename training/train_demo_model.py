@@ -211,7 +211,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "oprm_rag" / "demo_model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--vocab", type=int, default=3072)
@@ -221,7 +221,7 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--probe", type=int, default=0, help="only time this many steps")
     args = p.parse_args()
 

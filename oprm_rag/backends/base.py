@@ -129,6 +129,7 @@ class Backend(ABC):
     def check_state(self, state: RecurrentState, batch_size: int) -> RecurrentState:
         if state.family != self.family:
             raise ValueError(f"a {state.family!r} state cannot run on a {self.family!r} model")
+        state = state.to(self.device)  # cached states live on the CPU; a no-op when already here
         if state.batch_size == batch_size:
             return state
         if state.batch_size == 1:

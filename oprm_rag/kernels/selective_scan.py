@@ -108,8 +108,11 @@ def _selective_scan_cuda(x, dt, A, B, C, D, z, dt_bias, h0):
     )
     dtf = F.softplus(dt.float() + dt_bias.float()[None, :, None])  # pragma: no cover
     cum = torch.cumsum(dtf, dim=-1)  # [b, d, t]
-    corr = torch.einsum("bdtn,btn->bdt", torch.exp(cum[..., None] * A.float()[:, None, :]) * h0[:, :, None, :],
-                        C.float())
+    # h0's decayed contribution, in time blocks: a whole [b, d, t, n] temporary would be GBs at 7B.
+    Af, Cf, t = A.float(), C.float(), x.shape[-1]
+    block = max(1, _BLOCK_FLOATS * 16 // max(1, h0.numel()))
+    corr = torch.cat([torch.einsum("bdtn,btn->bdt", torch.exp(cum[:, :, s:s + block, None] * Af[:, None, :])
+                                   * h0[:, :, None, :], Cf[:, s:s + block]) for s in range(0, t, block)], dim=-1)
     y = (y0.float() + corr) * F.silu(z.float())
     h_final = h_zero.float() + torch.exp(cum[:, :, -1, None] * A.float()) * h0
     return y.to(x.dtype), h_final
