@@ -26,19 +26,25 @@ from oprm_rag.recall_task import question_for
 
 # The child only loads the model, reads the document text and answers: its peak RSS is
 # the answering peak (the document itself is built by the parent and passed as a file).
+# Peak RSS is read from /proc/self/status (VmHWM), not getrusage: Linux carries ru_maxrss
+# across fork and exec, so a child would report the parent's (document-building) peak.
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 from oprm_rag import DEMO_MODEL, OPRMSelector
 from oprm_rag.registry import resolve_lm
 path, question, model, chunk, batch_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 lm = resolve_lm(model or DEMO_MODEL)
+def hwm_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
 text = Path(path).read_text()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm_kib()
 t0 = time.perf_counter()
 ans = OPRMSelector(lm, chunk_tokens=chunk, max_batch_tokens=batch_tokens, cache=False).answer(question, text, max_new_tokens=5)
 print(json.dumps({"chunks": len(ans.chunks), "seconds": time.perf_counter() - t0,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_rss_mib": hwm_kib() / 1024,
                   "rss_before_answer_mib": base / 1024, "doc_chars": len(text), "answer": ans.text}))
 """
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["RecurrentLM", "TokenStream", "PromptStart"]
 
 logger = logging.getLogger("oprm_rag")
-_ENCODED_MAX_BYTES = 256 * 2**20  # recent tokenisations kept for follow-up questions
+_ENCODED_MAX_BYTES = 128 * 2**20  # recent tokenisations kept for follow-up questions (each <= 1/8)
 
 #: Tokens per forward call when prefilling one long sequence; bounds activation memory.
 PREFILL_SLICE = 4096
@@ -254,7 +254,7 @@ class RecurrentLM:
                 return hit[0].copy(), hit[1].copy()  # callers own their arrays
         ids, offsets = encode_with_offsets(self.tokenizer, text)
         size = ids.nbytes + offsets.nbytes
-        if size <= _ENCODED_MAX_BYTES // 4:
+        if size <= _ENCODED_MAX_BYTES // 8:  # a huge document is not kept: memory stays bounded
             with self._lock:
                 if key not in self._encoded:
                     self._encoded[key] = (ids.copy(), offsets.copy())

@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = ["encode_with_offsets", "SLICE_CHARS"]
 
-SLICE_CHARS = 200_000
+SLICE_CHARS = 32_000  # ~9K tokens: bounds the tokenizer's transient memory (~1.4 KB a token)
 _CHECK = 400  # chars each side of a cut tokenised whole to verify it
 _CUT = re.compile(r"(?<=\S) (?=[A-Za-z])")
 
