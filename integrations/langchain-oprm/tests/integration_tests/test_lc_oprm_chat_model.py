@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
-from lc_oprm_support import LoopTicks, Tokens
+from lc_oprm_support import LoopTicks, Tokens, tiny_chat_path
 
 import langchain_oprm._generation as generation
 from langchain_oprm import ChatRecurrent
@@ -102,9 +102,11 @@ async def test_async_paths_match_and_leave_the_loop_free(primary_path: str, monk
     assert loop.ticks >= 20, f"the event loop ran only {loop.ticks} times during two slow prefills"
 
 
-async def test_leaving_astream_early_stops_decoding(primary_path: str, lm_for) -> None:
-    lm = lm_for(primary_path)
-    chat = ChatRecurrent(model=primary_path, max_tokens=200)
+async def test_leaving_astream_early_stops_decoding(lm_for) -> None:
+    # A random tiny model: it talks on (the shipped model answers in 5 tokens and stops).
+    path = tiny_chat_path()
+    lm = lm_for(path)
+    chat = ChatRecurrent(model=path, max_tokens=200)
     full = await chat.ainvoke(MESSAGES)
     if full.usage_metadata["output_tokens"] < 100:
         pytest.skip("the model ends its answer early; nothing to cut short")
