@@ -93,27 +93,26 @@ class OPRMSelector(SelectorOptions, RunnableSerializable[OPRMSelectorInput, list
             None, query_of(x), name=c.get("run_name") or self.get_name(), run_id=c.get("run_id"))
             for x, c in zip(input_list, configs)]
         outcomes = _parse_all(input_list)
-        first_error = next((o for o in outcomes if isinstance(o, BaseException)), None)
-        if first_error is not None and not return_exceptions:
-            for run, o in zip(runs, outcomes):
-                run.on_retriever_error(o if isinstance(o, BaseException) else first_error)
-            raise first_error
+        early = _early_errors(outcomes, return_exceptions)
+        if early is not None:
+            for run, err in zip(runs, early[1]):
+                run.on_retriever_error(err)
+            raise early[0]
         try:
             outcomes = self._select(outcomes)
         except BaseException as exc:
             for run in runs:
                 run.on_retriever_error(exc)
             raise
-        results: list[Any] = []
-        for run, o in zip(runs, outcomes):
-            if isinstance(o, BaseException):
+        endings, failure = _endings(outcomes, return_exceptions)
+        for run, (failed, o) in zip(runs, endings):
+            if failed:
                 run.on_retriever_error(o)
-                if not return_exceptions:
-                    raise o
             else:
                 run.on_retriever_end(o)
-            results.append(o)
-        return results
+        if failure is not None:
+            raise failure
+        return list(outcomes)
 
     # ------------------------------------------------------------------ async
     async def ainvoke(self, input: OPRMSelectorInput, config: Optional[RunnableConfig] = None,
@@ -137,27 +136,26 @@ class OPRMSelector(SelectorOptions, RunnableSerializable[OPRMSelectorInput, list
             None, query_of(x), name=c.get("run_name") or self.get_name(), run_id=c.get("run_id"))
             for x, c in zip(input_list, configs)]
         outcomes = _parse_all(input_list)
-        first_error = next((o for o in outcomes if isinstance(o, BaseException)), None)
-        if first_error is not None and not return_exceptions:
-            for run, o in zip(runs, outcomes):
-                await run.on_retriever_error(o if isinstance(o, BaseException) else first_error)
-            raise first_error
+        early = _early_errors(outcomes, return_exceptions)
+        if early is not None:
+            for run, err in zip(runs, early[1]):
+                await run.on_retriever_error(err)
+            raise early[0]
         try:
             outcomes = await run_in_executor(configs[0], self._select, outcomes)
         except BaseException as exc:
             for run in runs:
                 await run.on_retriever_error(exc)
             raise
-        results: list[Any] = []
-        for run, o in zip(runs, outcomes):
-            if isinstance(o, BaseException):
+        endings, failure = _endings(outcomes, return_exceptions)
+        for run, (failed, o) in zip(runs, endings):
+            if failed:
                 await run.on_retriever_error(o)
-                if not return_exceptions:
-                    raise o
             else:
                 await run.on_retriever_end(o)
-            results.append(o)
-        return results
+        if failure is not None:
+            raise failure
+        return list(outcomes)
 
     # ------------------------------------------------------------------ the work
     def _select(self, outcomes: list[Any]) -> list[Any]:
@@ -212,3 +210,24 @@ def _no_kwargs(kwargs: dict[str, Any]) -> None:
     if kwargs:
         raise TypeError(f"OPRMSelector takes no call arguments besides config, got {sorted(kwargs)}; "
                         "set options on the selector or through configurable_fields")
+
+
+def _early_errors(outcomes: list[Any], return_exceptions: bool) -> tuple[BaseException, list[BaseException]] | None:
+    """Without ``return_exceptions``, a bad input fails the whole call before any model work:
+    the first error, and the error each run reports (its own, else the first). None: go on."""
+    first = next((o for o in outcomes if isinstance(o, BaseException)), None)
+    if first is None or return_exceptions:
+        return None
+    return first, [o if isinstance(o, BaseException) else first for o in outcomes]
+
+
+def _endings(outcomes: list[Any], return_exceptions: bool) -> tuple[list[tuple[bool, Any]], BaseException | None]:
+    """The callback each run gets, in order, as (failed, outcome): up to the first failure
+    when it must be raised (returned second), else every run."""
+    done: list[tuple[bool, Any]] = []
+    for o in outcomes:
+        failed = isinstance(o, BaseException)
+        done.append((failed, o))
+        if failed and not return_exceptions:
+            return done, o
+    return done, None
