@@ -47,7 +47,7 @@ bench: install
 	$(PY) -m benchmarks.run_all
 
 train-demo-model: install
-	$(PY) training/train_demo_model.py --out oprm_rag/demo_model
+	$(PY) training/train_demo_model.py --out oprm_rag/demo/model
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

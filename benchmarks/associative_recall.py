@@ -36,7 +36,7 @@ def main() -> None:
 
     from oprm_rag import OPRMSelector
     from oprm_rag.cache import DocumentStateCache
-    from oprm_rag.recall_task import IDK_WORD, question_for, random_key
+    from oprm_rag.demo.recall_task import IDK_WORD, question_for, random_key
 
     facts = [16, 128] if args.quick else [16, 32, 64, 128, 256, 512, 1024]
     n_docs = args.docs or (1 if args.quick else 2)

@@ -70,7 +70,7 @@ def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
 
 def recall_document(lm: Any, n_facts: int, tokens: int, seed: int):
     """Held-out prose with ``n_facts`` facts, about ``tokens`` model tokens long."""
-    from oprm_rag.recall_task import build_document, heldout_prose
+    from oprm_rag.demo.recall_task import build_document, heldout_prose
 
     rng = random.Random(seed)
     doc = build_document(rng, heldout_prose(), n_facts, int(tokens * 4.0))

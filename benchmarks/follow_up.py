@@ -18,7 +18,7 @@ def main() -> None:
     args, lm, doc_tokens, chunk, repeat = document_run(__doc__)
     from oprm_rag import OPRMSelector
     from oprm_rag.cache import DocumentStateCache
-    from oprm_rag.recall_task import question_for
+    from oprm_rag.demo.recall_task import question_for
 
     doc = recall_document(lm, doc_tokens // 28, doc_tokens, seed=3)
     key = doc.facts[len(doc.facts) // 2]

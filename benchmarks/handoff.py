@@ -24,7 +24,7 @@ def main() -> None:
     from langchain_oprm import ChatRecurrent, OPRMSelector
     from langchain_oprm.chains import oprm_prompt_messages
 
-    from oprm_rag.recall_task import question_for
+    from oprm_rag.demo.recall_task import question_for
 
     train = lm.training_context_tokens or 512
     chunk = max(64, train - 64)

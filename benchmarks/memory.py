@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import parser, recall_document, setup, write
-from oprm_rag.recall_task import question_for
+from oprm_rag.demo.recall_task import question_for
 
 # The child only loads the model, reads the document text and answers: its peak RSS is
 # the answering peak (the document itself is built by the parent and passed as a file).

@@ -16,7 +16,7 @@ from benchmarks.common import document_run, recall_document, timed, write
 def main() -> None:
     args, lm, doc_tokens, chunk, repeat = document_run(__doc__)
     from oprm_rag import OPRMSelector
-    from oprm_rag.recall_task import question_for
+    from oprm_rag.demo.recall_task import question_for
 
     doc = recall_document(lm, doc_tokens // 28, doc_tokens, seed=4)
     question = question_for(doc.facts[3].key)

@@ -50,7 +50,7 @@ def main() -> None:
 
     from oprm_rag import OPRMSelector
     from oprm_rag.cache import DocumentStateCache
-    from oprm_rag.recall_task import question_for
+    from oprm_rag.demo.recall_task import question_for
 
     train = lm.training_context_tokens or 512
     chunk = max(64, train - 64)

@@ -48,7 +48,7 @@ def main() -> None:
     args = p.parse_args()
     base = setup(args)
     from oprm_rag import OPRMSelector, RecurrentLM
-    from oprm_rag.recall_task import question_for
+    from oprm_rag.demo.recall_task import question_for
 
     train = base.training_context_tokens or 512
     doc_tokens = 2 * train if args.quick else 16 * train

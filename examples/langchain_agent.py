@@ -64,7 +64,7 @@ class ScriptedToolCaller(BaseChatModel):
 def build_documents(seed: int = 3, facts: int = 24) -> tuple[dict[str, str], str, str]:
     """Two long documents with hidden codes; a question about one code and its answer."""
     from oprm_rag.demo import demo_document
-    from oprm_rag.recall_task import question_for
+    from oprm_rag.demo.recall_task import question_for
 
     handbook, _ = demo_document(facts, seed)
     logbook, target = demo_document(facts, seed + 1)

@@ -42,7 +42,7 @@ def run(model: Any, facts: int = 48, seed: int = 7, chunk_tokens: int | str = "a
         max_tokens: int = 8) -> dict[str, Any]:
     """Build a long document, ask for one of its codes, and return what the chain did."""
     from oprm_rag.demo import demo_document
-    from oprm_rag.recall_task import question_for
+    from oprm_rag.demo.recall_task import question_for
 
     doc, target = demo_document(facts, seed)
     question = question_for(target.key)

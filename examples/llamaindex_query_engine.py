@@ -35,14 +35,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MISSING = (
     "The shipped demo model is missing: {path} has no model.safetensors.\n"
-    "Train it with `make train-demo-model` (python training/train_demo_model.py --out oprm_rag/demo_model),\n"
+    "Train it with `make train-demo-model` (python training/train_demo_model.py --out oprm_rag/demo/model),\n"
     "or point --model at a local recurrent model folder (config, weights, tokenizer)."
 )
 
 
 def generated_document(seed: int, n_facts: int, chars: int) -> Tuple[str, str, str, str]:
     """A long recall-task document, a question about one of its facts, the answer and the fact."""
-    from oprm_rag.recall_task import build_document, fact_sentence, heldout_prose, question_for
+    from oprm_rag.demo.recall_task import build_document, fact_sentence, heldout_prose, question_for
 
     rng = random.Random(seed)
     doc = build_document(rng, heldout_prose(), n_facts=n_facts, target_chars=chars)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 #: Folder of the shipped demo model (a small Mamba-2 trained on associative recall).
-DEMO_MODEL: str = str(Path(__file__).parent / "demo_model")
+DEMO_MODEL: str = str(Path(__file__).parent / "demo" / "model")
 
 _LAZY = {
     "RecurrentLM": "oprm_rag.lm",

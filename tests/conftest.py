@@ -41,7 +41,7 @@ def demo_lm():
     from pathlib import Path
 
     if not (Path(DEMO_MODEL) / "model.safetensors").is_file():
-        pytest.fail("the shipped demo model is missing (oprm_rag/demo_model)")
+        pytest.fail("the shipped demo model is missing (oprm_rag/demo/model)")
     return load_demo_lm()
 
 

@@ -60,7 +60,7 @@ def test_boundaries_are_preferred_within_tolerance(boundary):
 
 
 def test_long_documents_tokenise_in_slices_exactly():
-    from oprm_rag.recall_task import heldout_prose
+    from oprm_rag.demo.recall_task import heldout_prose
     from oprm_rag.tokenize import encode_with_offsets
 
     tok = tiny_tokenizer()

@@ -26,7 +26,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from oprm_rag import DEMO_MODEL, OPRMSelector, RecurrentLM
-from oprm_rag.recall_task import Fact, RecallDocument, build_document, heldout_prose, question_for
+from oprm_rag.demo.recall_task import Fact, RecallDocument, build_document, heldout_prose, question_for
 from oprm_rag.testing import pdf_bytes
 from oprm_rag.web import WebSettings, create_app, main
 from oprm_rag.web.documents import DocumentStore, clean_name

@@ -1,4 +1,4 @@
-"""Write ``oprm_rag/data/heldout_prose.txt``: filler prose the demo model never trains on.
+"""Write ``oprm_rag/demo/data/heldout_prose.txt``: filler prose the demo model never trains on.
 
 Sources: the Python Language Reference topics bundled with CPython (``pydoc_data``, PSF
 licence; the training corpus skips that package) and the text of the GNU GPL v3 (its
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from oprm_rag.recall_task import _is_prose, split_sentences
+from oprm_rag.demo.recall_task import _is_prose, split_sentences
 
 OUT = Path(__file__).resolve().parents[1] / "oprm_rag" / "data" / "heldout_prose.txt"
 

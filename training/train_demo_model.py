@@ -2,10 +2,10 @@
 
 One command, reproducible from a seed, CPU only::
 
-    python training/train_demo_model.py --out oprm_rag/demo_model
+    python training/train_demo_model.py --out oprm_rag/demo/model
 
 It builds a byte-level BPE tokenizer on the standard library's docstrings, then trains
-a ``Mamba2ForCausalLM`` from scratch on documents made by ``oprm_rag.recall_task``:
+a ``Mamba2ForCausalLM`` from scratch on documents made by ``oprm_rag.demo.recall_task``:
 ``[instruction, document, question, answer]`` sequences, several questions per
 document, half of them about keys the document lacks (answer: ``Error``).
 
@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from oprm_rag.recall_task import (  # noqa: E402
+from oprm_rag.demo.recall_task import (  # noqa: E402
     IDK_WORD,
     build_document,
     heldout_prose,

@@ -26,8 +26,8 @@ def demo_document(facts: int, seed: int, tokens_per_fact: int = 32, chars_per_to
 
 
 def run_demo(lm: Any, facts: int = 96, seed: int = 7, out=sys.stdout) -> int:
-    from .report import describe_chunk, entropy_bars
-    from .selector import OPRMSelector
+    from ..report import describe_chunk, entropy_bars
+    from ..selector import OPRMSelector
 
     def say(*parts: Any) -> None:
         print(*parts, file=out, flush=True)
