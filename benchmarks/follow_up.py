@@ -39,7 +39,7 @@ def main() -> None:
         "model": lm.name, "doc_tokens": d, "chunk_tokens": chunk, "chunks": n_chunks, "question_tokens": q_tokens,
         "first_seconds": t_first, "follow_up_seconds": t_follow, "speedup": t_first / t_follow,
         "token_bound": d / (n_chunks * q_tokens),
-        "first_prefill_tokens": ans_first.usage["input_tokens"], "follow_up_prefill_tokens": ans_follow.usage["input_tokens"],
+        "first_prefill_tokens": ans_first.usage.input_tokens, "follow_up_prefill_tokens": ans_follow.usage.input_tokens,
         "same_answer": ans_first.text == ans_follow.text, "answer": ans_first.text,
         "cache": sel.cache.stats(), "target_speedup": 25,
     }

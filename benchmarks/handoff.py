@@ -40,7 +40,7 @@ def main() -> None:
         p0, t0 = lm.counters["prefill_tokens"], time.perf_counter()
         hit = chat.invoke(messages)
         t_hit, p_hit = time.perf_counter() - t0, lm.counters["prefill_tokens"] - p0
-        lm.handoff.clear()
+        lm.context.handoff.clear()
         p0, t0 = lm.counters["prefill_tokens"], time.perf_counter()
         miss = chat.invoke(messages)
         t_miss, p_miss = time.perf_counter() - t0, lm.counters["prefill_tokens"] - p0

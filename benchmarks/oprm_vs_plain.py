@@ -23,7 +23,7 @@ def main() -> None:
     sel = OPRMSelector(lm, chunk_tokens=chunk, cache=False)
     prefix, q_ids = sel._prefix_ids(), sel._question_ids(question)
     doc_ids = lm.encode(doc.text)
-    lm.prefix_state(prefix)  # the shared prefix: computed once, kept
+    lm.context.start(prefix)  # the shared prefix: computed once, kept
 
     t_plain, _ = timed(lambda: lm.prefill(prefix + doc_ids + q_ids), repeat)
     t_oprm, res = timed(lambda: sel.select(question, doc.text), repeat)
@@ -31,7 +31,7 @@ def main() -> None:
         "model": lm.name, "doc_tokens": len(doc_ids), "chunk_tokens": chunk, "chunks": len(res.chunks),
         "question_tokens": len(q_ids), "plain_prefill_seconds": t_plain, "oprm_select_seconds": t_oprm,
         "ratio": t_oprm / t_plain, "extra_tokens_fraction": len(res.chunks) * len(q_ids) / len(doc_ids),
-        "max_batch_tokens": sel.max_batch_tokens, "target_ratio": 1.05,
+        "max_batch_tokens": sel.options.max_batch_tokens, "target_ratio": 1.05,
     }
     print({k: result[k] for k in ("ratio", "plain_prefill_seconds", "oprm_select_seconds")})
 

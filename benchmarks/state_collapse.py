@@ -32,8 +32,8 @@ def _nll_by_position(lm, ids: list[int], prefix: list[int], chunk: int | None, b
     nll = []
     pieces = [ids] if chunk is None else [ids[i:i + chunk] for i in range(0, len(ids), chunk)]
     for piece in pieces:
-        start = lm.prefix_state(prefix)  # computed once per model, then reused
-        state, prev = start.state, start.logits[0]
+        start = lm.context.start(prefix)  # computed once per model, then reused
+        state, prev = start.states, start.logits[0]
         for i in range(0, len(piece), 1024):
             part = torch.tensor([piece[i:i + 1024]])
             out = lm.forward(part, state, all_logits=True)

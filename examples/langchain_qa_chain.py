@@ -57,7 +57,7 @@ def run(model: Any, facts: int = 48, seed: int = 7, chunk_tokens: int | str = "a
         "handoff_hit": out["answer"].response_metadata["oprm_handoff_hit"],
         "usage": out["answer"].usage_metadata,
         "chunk": best,
-        "fact_in_chunk": best.metadata["char_start"] <= fact < best.metadata["char_end"],
+        "fact_in_chunk": best.metadata["oprm_char_start"] <= fact < best.metadata["oprm_char_end"],
     }
 
 

@@ -130,14 +130,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         node_postprocessors=[oprm],
         text_qa_template=oprm.qa_prompt(),  # the prompt the model was scored (and trained) with
     )
-    hits = lm.handoff.hits
+    hits = lm.context.handoff.hits
     t0 = time.perf_counter()
     response = wired.query(question)
     print(f"\n[2] standard wiring answer: {response.response.strip()!r}  ({time.perf_counter() - t0:.1f}s, "
-          f"state handoff hits: {lm.handoff.hits - hits})")
+          f"state handoff hits: {lm.context.handoff.hits - hits})")
     for source in response.source_nodes:
         print(f"    source: {describe(source)}")
-    if lm.handoff.hits == hits:
+    if lm.context.handoff.hits == hits:
         print("    (no handoff: LlamaIndex's prompt differs from the scored text - it adds node metadata and\n"
               "     strips the chunk's edge whitespace - so the winning chunk was read a second time)")
     return 0

@@ -50,7 +50,7 @@ def test_qa_chain_example_answers_from_the_handed_off_state(model_path: str, cap
     assert usage["input_token_details"]["cache_read"] == usage["input_tokens"] > 0
     assert usage["output_tokens"] <= 8
     chunk = result["chunk"]
-    assert chunk.metadata["char_end"] - chunk.metadata["char_start"] == len(chunk.page_content)
+    assert chunk.metadata["oprm_char_end"] - chunk.metadata["oprm_char_start"] == len(chunk.page_content)
 
     assert qa.main(["--model", model_path, "--facts", "8", "--chunk-tokens", "64"]) == 0
     out = capsys.readouterr().out
@@ -91,7 +91,7 @@ def test_agent_example_recovers_from_a_bad_id_and_quotes_the_passage(model_path:
     if good.artifact:
         assert all(d.metadata["document_id"] == "logbook" for d in good.artifact)
         for doc in good.artifact:
-            assert doc.page_content == documents["logbook"][doc.metadata["char_start"]:doc.metadata["char_end"]]
+            assert doc.page_content == documents["logbook"][doc.metadata["oprm_char_start"]:doc.metadata["oprm_char_end"]]
         assert good.content in final.content
     else:  # the model answered the IDK word for every chunk
         assert good.content.startswith("No passage of document 'logbook'")

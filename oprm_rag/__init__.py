@@ -21,34 +21,50 @@ DEMO_MODEL: str = str(Path(__file__).parent / "demo" / "model")
 
 _LAZY = {
     "RecurrentLM": "oprm_rag.lm",
-    "TokenStream": "oprm_rag.lm",
+    "ModelContext": "oprm_rag.context",
+    "TokenStream": "oprm_rag.decoding",
     "OPRMSelector": "oprm_rag.selector",
-    "SelectionResult": "oprm_rag.selector",
-    "Answer": "oprm_rag.selector",
-    "AnswerStream": "oprm_rag.selector",
-    "ChunkScore": "oprm_rag.scoring",
+    "SelectorOptions": "oprm_rag.options",
+    "Engine": "oprm_rag.engine",
+    "SelectionResult": "oprm_rag.results",
+    "Answer": "oprm_rag.results",
+    "AnswerStream": "oprm_rag.results",
+    "ChunkScore": "oprm_rag.results",
+    "Chunk": "oprm_rag.results",
+    "Usage": "oprm_rag.results",
     "RecurrentState": "oprm_rag.state",
     "DocumentStateCache": "oprm_rag.cache",
     "PromptTemplate": "oprm_rag.prompts",
     "GenerationConfig": "oprm_rag.generation",
     "Generation": "oprm_rag.generation",
     "CollapseMitigation": "oprm_rag.mitigation",
-    "Chunk": "oprm_rag.chunking",
     "resolve_lm": "oprm_rag.registry",
+    "OPRMError": "oprm_rag.errors",
+    "InputError": "oprm_rag.errors",
+    "OptionError": "oprm_rag.errors",
+    "ModelLoadError": "oprm_rag.errors",
+    "NonFiniteScoresError": "oprm_rag.errors",
+    "ServerError": "oprm_rag.errors",
+    "OpenAICompatibleLM": "oprm_rag.served",
 }
 
 __all__ = sorted([*_LAZY, "DEMO_MODEL", "load_demo_lm", "__version__"])
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cache import DocumentStateCache
-    from .chunking import Chunk
+    from .context import ModelContext
+    from .decoding import TokenStream
+    from .engine import Engine
+    from .errors import InputError, ModelLoadError, NonFiniteScoresError, OPRMError, OptionError, ServerError
     from .generation import Generation, GenerationConfig
-    from .lm import RecurrentLM, TokenStream
+    from .lm import RecurrentLM
     from .mitigation import CollapseMitigation
+    from .options import SelectorOptions
     from .prompts import PromptTemplate
     from .registry import resolve_lm
-    from .scoring import ChunkScore
-    from .selector import Answer, AnswerStream, OPRMSelector, SelectionResult
+    from .results import Answer, AnswerStream, Chunk, ChunkScore, SelectionResult, Usage
+    from .selector import OPRMSelector
+    from .served import OpenAICompatibleLM
     from .state import RecurrentState
 
 
@@ -65,6 +81,8 @@ def load_demo_lm(device: str | None = None, **kwargs: Any) -> "RecurrentLM":
     from .lm import RecurrentLM
 
     if not (Path(DEMO_MODEL) / "config.json").is_file():
-        raise FileNotFoundError(f"the demo model is missing from {DEMO_MODEL}; reinstall oprm-rag "
+        from .errors import ModelLoadError
+
+        raise ModelLoadError(f"the demo model is missing from {DEMO_MODEL}; reinstall oprm-rag "
                                 "or run `python training/train_demo_model.py`")
     return RecurrentLM.from_pretrained(DEMO_MODEL, device=device, **kwargs)

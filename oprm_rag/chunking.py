@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Sequence
 
 import numpy as np
 
-__all__ = ["Chunk", "DocumentTokens", "chunk_document", "Boundary"]
+from .options import Boundary
+from .results import Chunk
 
-Boundary = Literal["paragraph", "sentence"]
+__all__ = ["DocumentTokens", "chunk_document"]
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
 
@@ -32,30 +32,6 @@ class DocumentTokens:
     def __post_init__(self) -> None:
         object.__setattr__(self, "token_ids", np.asarray(self.token_ids, dtype=np.int64).reshape(-1))
         object.__setattr__(self, "offsets", np.asarray(self.offsets, dtype=np.int64).reshape(-1, 2))
-
-
-@dataclass(frozen=True, eq=False)
-class Chunk:
-    """A slice of one document: ``token_ids`` are ``document.token_ids[token_start:token_end]``
-    (a view of the document's array: chunking a long document copies no tokens)."""
-
-    doc_index: int
-    index: int
-    token_start: int
-    token_end: int
-    char_start: int
-    char_end: int
-    text: str
-    token_ids: np.ndarray
-
-    @property
-    def num_tokens(self) -> int:
-        return self.token_end - self.token_start
-
-    @property
-    def ids(self) -> list[int]:
-        """The token ids as plain Python ints."""
-        return self.token_ids.tolist()
 
 
 def _char_span(doc: DocumentTokens, start: int, end: int) -> tuple[int, int]:
@@ -126,9 +102,3 @@ def chunk_document(
         lo, hi = _char_span(doc, a, b)
         chunks.append(Chunk(doc_index, i, a, b, lo, hi, doc.text[lo:hi], doc.token_ids[a:b]))
     return chunks
-
-
-def merge_in_order(chunks: Sequence[Chunk]) -> str:
-    """Join chunks' text in document order (used by ``top_k`` and summaries)."""
-    ordered = sorted(chunks, key=lambda c: (c.doc_index, c.token_start))
-    return "\n\n".join(c.text.strip() for c in ordered)

@@ -1,7 +1,13 @@
-"""The ``oprm-rag`` command: ask, chat, inspect and demo, with clean errors.
+"""The ``oprm-rag`` command: ask, chat, inspect, demo, serve, eval and export-gguf.
 
-Exit codes: 0 success, 1 a document or input problem, 2 bad usage, 3 the model could
-not load, 130 interrupted (Ctrl-C). No tracebacks for expected failures.
+Exit codes: 0 success, 1 a document or input problem, 2 bad usage (options), 3 the
+model could not load or its server failed, 4 an internal fault (a bug: reported with
+its type), 130 interrupted (Ctrl-C), 141 standard output closed early (``| head``).
+No tracebacks for expected failures (``-v`` shows one for internal faults).
+
+Selector options are built as :class:`~oprm_rag.options.SelectorOptions`: a flag left
+out takes the core default, so the CLI chooses exactly what the library, the web app
+and the integrations choose.
 """
 
 from __future__ import annotations
@@ -9,53 +15,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .cli_args import (EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPT, EXIT_MODEL, EXIT_PIPE, EXIT_USAGE, CLIError,
+                       add_model_args, add_selector_args, engine_from_args, positive_int,
+                       selector_options_from_args, startup_interrupts)
 
 __all__ = ["main"]
-
-EXIT_INPUT, EXIT_USAGE, EXIT_MODEL, EXIT_INTERRUPT = 1, 2, 3, 130
-
-
-class CLIError(Exception):
-    def __init__(self, message: str, code: int = EXIT_INPUT) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def parse_chunk_tokens(value: str) -> int | str | None:
-    """``--chunk-tokens``: a number of tokens, ``auto`` (from state capacity) or ``none`` (plain)."""
-    if value.lower() in ("auto", "none"):
-        return None if value.lower() == "none" else "auto"
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError("--chunk-tokens takes a number of tokens, 'auto' or 'none'") from None
-    if n < 8:
-        raise argparse.ArgumentTypeError("--chunk-tokens must be at least 8")
-    return n
 
 
 def _common(p: argparse.ArgumentParser, question: str | None, required: bool = False) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help=".txt, .md or .pdf files; - reads stdin")
     if question:
         p.add_argument("-q", "--question", required=required, help=question)
-    _model_args(p)
-    p.add_argument("--chunk-tokens", type=parse_chunk_tokens, default="auto",
-                   help="tokens per chunk, 'auto' (from the model's state capacity) or 'none' (plain inference)")
-    p.add_argument("--top-k", type=int, default=1, help="chunks to answer from (joined in document order)")
-    p.add_argument("--no-idk-filter", action="store_true", help="keep chunks whose first answer token is the IDK word")
-    p.add_argument("--boundary", choices=["sentence", "paragraph", "none"], default="sentence",
-                   help="end chunks at sentence/paragraph ends where possible (default: sentence)")
+    add_model_args(p)
+    add_selector_args(p)
     p.add_argument("--cache-dir", help="keep chunk states on disk here: follow-up runs cost only the question")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model folder or hub name (default: the shipped demo model)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("-v", "--verbose", action="store_true", help="log what the library decides")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,52 +50,74 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="show every chunk's entropy; --plot writes a PNG")
     _common(ins, question="the question to score the chunks for", required=True)
     ins.add_argument("--plot", help="PNG path for the entropy chart")
+    ins.add_argument("--json", action="store_true", help="print the selection as one JSON object")
     sub.add_parser("serve", help="the web QA page (its options: oprm-rag serve --help)", add_help=False)
     demo = sub.add_parser("demo", help="plain inference against OPRM on the shipped model")
-    _model_args(demo)
-    demo.add_argument("--facts", type=int, default=96, help="facts hidden in the demo document")
+    add_model_args(demo)
+    demo.add_argument("--facts", type=positive_int, default=96, help="facts hidden in the demo document")
     demo.add_argument("--seed", type=int, default=7)
+    for module in ("oprm_rag.gguf_export", "oprm_rag.eval.cli"):
+        _add_plugin(sub, module)
     return parser
 
 
-def _load(args: argparse.Namespace) -> Any:
-    from . import DEMO_MODEL
-    from .registry import resolve_lm
+_PLUGINS: dict[str, str] = {}
 
-    path = args.model or DEMO_MODEL
+
+def _add_plugin(sub: Any, module: str) -> None:
+    """Sub-commands that live in their own module (``add_parser(sub)`` + ``run(args)``)."""
+    from importlib import import_module
+
     try:
-        kwargs = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v}
-        return resolve_lm(path, **kwargs)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:  # anything from transformers / torch while loading
-        raise CLIError(f"could not load the model {path!r}: {exc}", EXIT_MODEL) from exc
+        mod = import_module(module)
+    except ImportError:  # an optional part that is not installed
+        return
+    before = set(sub.choices)
+    mod.add_parser(sub)
+    for name in set(sub.choices) - before:
+        _PLUGINS[name] = module
 
 
-def _selector(lm: Any, args: argparse.Namespace) -> Any:
-    from .cache import DocumentStateCache
+def _engine(args: argparse.Namespace) -> Any:
+    return engine_from_args(args)
+
+
+def _selector(engine: Any, args: argparse.Namespace) -> Any:
+    from .errors import InputError
     from .selector import OPRMSelector
 
-    cache: Any = True
+    cache: Any = None
     if getattr(args, "cache_dir", None):
-        cache = DocumentStateCache(directory=args.cache_dir)
+        from .cache import DocumentStateCache
+
+        try:
+            cache = DocumentStateCache(directory=args.cache_dir)
+        except (InputError, OSError) as exc:
+            raise CLIError(f"--cache-dir {args.cache_dir}: {exc}", EXIT_USAGE) from exc
+    options = selector_options_from_args(args, show_progress=sys.stderr.isatty() or bool(args.verbose))
     try:
-        return OPRMSelector(lm, chunk_tokens=args.chunk_tokens, top_k=args.top_k,
-                            idk_filter=not args.no_idk_filter,
-                            boundary=None if args.boundary == "none" else args.boundary,
-                            cache=cache, show_progress=sys.stderr.isatty() or bool(getattr(args, "verbose", False)))
-    except (ValueError, TypeError) as exc:
+        return OPRMSelector(engine, options, cache=cache)
+    except InputError as exc:
         raise CLIError(str(exc), EXIT_USAGE) from exc
 
 
 def _documents(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    from .readers import DocumentError, read_documents
+    from .errors import DocumentError
+    from .readers import read_documents
 
     try:
         docs = read_documents(args.files)
     except DocumentError as exc:
         raise CLIError(str(exc)) from exc
+    for d in docs:
+        for warning in getattr(d, "warnings", ()):
+            print(f"oprm-rag: warning: {warning}", file=sys.stderr)
     return [d.name for d in docs], [d.text for d in docs]
+
+
+def _usage_line(usage: Any) -> str:
+    return (f"[{usage.chunks} chunks of <= {usage.chunk_tokens or 'whole'} tokens scored; {usage.input_tokens} "
+            f"tokens prefilled, {usage.cached_chunks} chunk states from cache]")
 
 
 def _cmd_ask(args: argparse.Namespace) -> int:
@@ -125,45 +126,35 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     if not args.summary and not args.question:
         raise CLIError("ask needs a question: -q \"...\" (or --summary to summarise the files)", EXIT_USAGE)
     names, texts = _documents(args)
-    lm = _load(args)
-    sel = _selector(lm, args)
-    try:
-        stream = (sel.stream_summary(texts, args.question, max_new_tokens=args.max_new_tokens) if args.summary
-                  else sel.stream(args.question, texts, max_new_tokens=args.max_new_tokens))
-        if args.json:
-            text = stream.text()
-        else:
-            print("Answer: ", end="", flush=True)
-            for piece in stream:
-                print(piece, end="", flush=True)
-            print()
-    except ValueError as exc:
-        raise CLIError(str(exc)) from exc
+    sel = _selector(_engine(args), args)
+    stream = (sel.stream_summary(texts, args.question, max_new_tokens=args.max_new_tokens) if args.summary
+              else sel.stream(args.question, texts, max_new_tokens=args.max_new_tokens))
+    if args.json:
+        stream.text()
+    else:
+        print("Answer: ", end="", flush=True)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
     ans = stream.answer
     if args.json:
-        print(json.dumps({
-            "question": args.question,
-            "answer": text, "all_idk": ans.all_idk, "usage": ans.usage,
-            "winner": ({**ans.chunk.to_dict(), "file": names[ans.chunk.doc_index]} if ans.chunk else None),
-            "chunks": [{**c.to_dict(), "file": names[c.doc_index]} for c in ans.chunks],
-        }, indent=2, default=str))
+        print(json.dumps({"question": args.question, **ans.to_dict(sources=names)}, indent=2))
         return 0
-    if ans.all_idk and ans.chunk is None:
-        print(f"(every chunk answered {lm.prompt.idk_word!r}: the documents do not seem to hold the answer)")
+    if ans.chunk is None and not args.summary:
+        print(f"(no chunk could answer: {ans.no_answer_reason})")
     elif ans.chunk is not None:
         print("\nFrom " + describe_chunk(ans.chunk, names))
-    print(f"\n[{len(ans.chunks)} chunks scored; {ans.usage.get('input_tokens')} tokens prefilled, "
-          f"{ans.usage.get('cached_chunks', 0)} chunk states from cache]", file=sys.stderr)
+    print("\n" + _usage_line(ans.usage), file=sys.stderr)
     return 0
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
+    from .errors import InputError
     from .report import describe_chunk
 
     names, texts = _documents(args)
-    lm = _load(args)
-    sel = _selector(lm, args)
-    if lm.backend.exact_continuation:
+    sel = _selector(_engine(args), args)
+    if sel.cache is not None:
         n = sel.prepare(texts)
         print(f"Ready: {n} chunk states prepared. Ask a question (empty line or Ctrl-D to quit).", flush=True)
     while True:
@@ -178,62 +169,128 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             for piece in stream:
                 print(piece, end="", flush=True)
             print()
-        except ValueError as exc:
+        except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             continue
         ans = stream.answer
         if ans.chunk is not None:
             print("  from " + describe_chunk(ans.chunk, names, width=120).replace("\n", "\n  "))
-        print(f"  [{ans.usage.get('input_tokens')} tokens prefilled]", file=sys.stderr)
+        print("  " + _usage_line(ans.usage), file=sys.stderr)
     return 0
+
+
+def _writable(path: str) -> Path:
+    """Fail before any model work if ``path`` cannot be written."""
+    p = Path(path)
+    if p.is_dir():
+        raise CLIError(f"--plot {path}: is a folder; give a file name such as entropy.png", EXIT_USAGE)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise CLIError(f"--plot {path}: the folder {parent} does not exist", EXIT_USAGE)
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise CLIError(f"--plot {path}: cannot write there (permission denied)", EXIT_USAGE)
+    return p
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .report import entropy_bars, plot_entropy
 
+    plot = _writable(args.plot) if args.plot else None
     names, texts = _documents(args)
-    lm = _load(args)
-    sel = _selector(lm, args)
-    try:
-        res = sel.select(args.question, texts)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from exc
-    print(entropy_bars(res.chunks))
-    if res.best is not None:
-        b = res.best
-        print(f"\nselected: {names[b.doc_index]} chars {b.char_start}-{b.char_end} (entropy {b.entropy:.3f})")
+    sel = _selector(_engine(args), args)
+    res = sel.select(args.question, texts)
+    if args.json:
+        print(json.dumps(res.to_dict(sources=names), indent=2))
     else:
-        print(f"\nevery chunk answered {res.idk_word!r}")
-    if args.plot:
-        path = plot_entropy(res.chunks, args.plot, title=f"Q: {args.question}")
-        print(f"wrote {path}")
+        print(entropy_bars(res.chunks))
+        if res.best is not None:
+            b = res.best
+            print(f"\nselected: {names[b.doc_index]} chars {b.char_start}-{b.char_end} (entropy {b.entropy:.3f})")
+        else:
+            print(f"\nno chunk selected: {res.no_answer_reason}")
+        print(_usage_line(res.usage), file=sys.stderr)
+    if plot is not None:
+        try:
+            path = plot_entropy(res.chunks, plot, title=f"Q: {args.question}")
+        except OSError as exc:
+            raise CLIError(f"--plot {args.plot}: cannot write ({exc.strerror or exc})") from exc
+        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _preload(args: argparse.Namespace) -> None:
+    """Import what the command will need while Ctrl-C exits cleanly."""
+    if args.command in ("ask", "chat", "inspect", "demo"):
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # stdout closed early (`oprm-rag ask ... | head -1`): stop quietly, like any Unix tool.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_PIPE
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:  # the web app parses its own options
         from .web.app import main as serve
 
         return serve(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+    verbose = bool(getattr(args, "verbose", False))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not getattr(args, "verbose", False):
+    if not verbose:
         logging.getLogger("transformers").setLevel(logging.ERROR)
+    from .errors import InputError, ModelLoadError, OptionError, ServerError
+
     try:
+        with startup_interrupts():
+            _preload(args)
+        if args.command in _PLUGINS:
+            from importlib import import_module
+
+            return int(import_module(_PLUGINS[args.command]).run(args))
         if args.command == "demo":
             from .demo import run_demo
 
-            return run_demo(_load(args), facts=args.facts, seed=args.seed)
+            engine = _engine(args)
+            return run_demo(engine.lm, facts=args.facts, seed=args.seed)
         return {"ask": _cmd_ask, "chat": _cmd_chat, "inspect": _cmd_inspect}[args.command](args)
     except CLIError as exc:
         print(f"oprm-rag: error: {exc}", file=sys.stderr)
         return exc.code
+    except OptionError as exc:
+        print(f"oprm-rag: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except InputError as exc:
+        print(f"oprm-rag: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except (ModelLoadError, ServerError) as exc:
+        print(f"oprm-rag: error: {exc}", file=sys.stderr)
+        return EXIT_MODEL
     except KeyboardInterrupt:
         print("\noprm-rag: interrupted", file=sys.stderr)
         return EXIT_INTERRUPT
+    except BrokenPipeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an internal fault: say it is one, with its type
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"oprm-rag: internal error (a bug, please report it): {type(exc).__name__}: {exc}"
+              + ("" if verbose else " (run with -v for the traceback)"), file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,7 +20,7 @@ Two engines implement it:
 
 What a state *is* stays inside the engine: the selector only selects, expands and
 concatenates state batches through the methods below, and passes ``Extension.logits``
-back to the same engine without looking inside (except ``question_logits``, used by the
+back to the same engine without looking inside (``question_logprobs`` serves the
 question-likelihood criterion on engines that have full logits).
 """
 
@@ -66,11 +66,13 @@ class Extension:
 
     ``logits`` is engine-specific and is handed back to the same engine (``first_tokens``,
     ``stream``): float32 tensors [b, v] / [b, t, v] in process, top-k log-probabilities
-    from a server. None when ``logits="none"`` was asked.
+    from a server. None when ``logits="none"`` was asked. ``pads`` is whatever the engine
+    needs to remember about how it batched the rows (left padding in process).
     """
 
     states: Any
     logits: Any = None
+    pads: Any = None
 
 
 @dataclass
@@ -175,9 +177,10 @@ class Engine(ABC):
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` (special tokens skipped)."""
 
-    def encode_prefix(self, text: str) -> list[int]:
-        """Token ids of the instruction prefix (the start of a sequence: special tokens as
-        the model expects them at the start)."""
+    def encode_prefix(self, text: str, *, chat: bool = False) -> list[int]:
+        """Token ids of the instruction prefix, the start of a sequence: special tokens as
+        the model expects them there (``chat``: the text is a rendered chat turn, which
+        carries its own)."""
         return self.encode(text)
 
     @abstractmethod
@@ -221,25 +224,30 @@ class Engine(ABC):
         logits = extension.logits
         return None if logits is None else logits[row]
 
-    def question_logits(self, extension: Extension) -> Any:
-        """Full logits of every position ([b, t, v]) for the question-likelihood criterion.
+    def question_logprobs(self, chunk_end_logits: Any, question: Extension,
+                          rows: Sequence[Sequence[int]]) -> list[float]:
+        """log p(Q | P, C_i) per row for the question-likelihood criterion, from the logits
+        after each chunk (``extend(..., logits="last")`` of the chunks, stacked) and the
+        question pass made with ``logits="all"``.
 
         Engines that only see top-k log-probabilities cannot compute it and raise.
         """
-        from .errors import InputError
+        from .errors import OptionError
 
-        raise InputError(f"criterion='question_likelihood' needs the model's full logits; {self.name} "
-                         "does not give them. Use criterion='entropy'.")
+        raise OptionError(f"criterion='question_likelihood' needs the model's full logits; {self.name} "
+                          "does not give them. Use criterion='entropy'.")
 
     @abstractmethod
     def stream(self, state: Any, logits: Any, config: "GenerationConfig", *,
                prompt_tokens: int = 0) -> TextStream:
-        """Decode one answer from a batch-1 state whose next-token scores are ``logits``."""
+        """Decode one answer from a batch-1 state whose next-token scores are ``logits``
+        (as ``row_logits`` gave them)."""
 
     @abstractmethod
-    def generate_batch(self, states: Any, logits: Any, config: "GenerationConfig",
+    def generate_batch(self, states: Any, logits: Sequence[Any], config: "GenerationConfig",
                        prompt_tokens: Sequence[int] | None = None) -> list["Generation"]:
-        """Decode one answer per row (rows stop independently)."""
+        """Decode one answer per row of ``states`` (rows stop independently); ``logits``
+        holds each row's next-token scores, as ``row_logits`` gave them."""
 
     # ------------------------------------------------------------------ optional features
     def document_cache(self) -> "DocumentStateCache | None":

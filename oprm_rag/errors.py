@@ -15,6 +15,7 @@ from __future__ import annotations
 __all__ = [
     "OPRMError",
     "InputError",
+    "OptionError",
     "DocumentError",
     "ModelLoadError",
     "StateFormatError",
@@ -31,6 +32,14 @@ class InputError(OPRMError, ValueError):
     """The caller's input cannot be used (a bad option, question or document).
 
     The message says what is wrong and what to do instead.
+    """
+
+
+class OptionError(InputError, TypeError):
+    """An option with a wrong name, type or value, or passed where it does not belong.
+
+    Both a ``TypeError`` (Python's convention for a bad argument) and an ``InputError``
+    (the user's mistake, reported as such by the CLI and the web app).
     """
 
 

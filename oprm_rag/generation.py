@@ -8,12 +8,18 @@ tokens are fed, one at a time.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-__all__ = ["GenerationConfig", "Generation", "TextAssembler", "choose_next"]
+__all__ = ["GenerationConfig", "Generation", "TextAssembler", "choose_next", "GENERATION_ALIASES"]
+
+#: The names frameworks use for decoding options, mapped to ``GenerationConfig`` fields.
+GENERATION_ALIASES = {"max_tokens": "max_new_tokens", "max_new_tokens": "max_new_tokens",
+                      "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed",
+                      "stop_at_eos": "stop_at_eos"}
 
 
 @dataclass(frozen=True)
@@ -29,18 +35,54 @@ class GenerationConfig:
     stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError("top_k must be >= 1")
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+        from .errors import OptionError
+
+        def whole(name: str, value: Any, low: int) -> None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise OptionError(f"{name} must be a whole number, got {value!r}")
+            if value < low:
+                raise OptionError(f"{name} must be >= {low}, got {value}")
+
+        whole("max_new_tokens", self.max_new_tokens, 0)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise OptionError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
+                                       or not 0 < self.top_p <= 1):
+            raise OptionError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None:
+            whole("top_k", self.top_k, 1)
+        if self.seed is not None:
+            whole("seed", self.seed, 0)
+        if not isinstance(self.stop_at_eos, bool):
+            raise OptionError(f"stop_at_eos must be True or False, got {self.stop_at_eos!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (tuple, list)) or not all(isinstance(x, str) for x in stop):
+            raise OptionError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if any(not x for x in stop):
+            raise OptionError("stop strings must be non-empty")
+        object.__setattr__(self, "stop", tuple(stop))
+
+    @classmethod
+    def from_call(cls, defaults: Mapping[str, Any], overrides: Mapping[str, Any],
+                  stop: str | Sequence[str] | None = None) -> "GenerationConfig":
+        """A wrapper's configuration: its fields (``defaults``) overridden by one call's
+        keyword arguments, both under framework names (``max_tokens``...; see
+        ``GENERATION_ALIASES``); ``None`` values are ignored. An unknown name raises
+        instead of being dropped: a misspelt option silently ignored would change what
+        the model does without telling anyone. ``stop`` is the final list of stop strings.
+        """
+        from .errors import OptionError
+
+        values: dict[str, Any] = {}
+        for source in (defaults, overrides):
+            for key, value in source.items():
+                if key not in GENERATION_ALIASES:
+                    raise OptionError(f"unsupported generation argument {key!r}; supported: "
+                                      f"{sorted(GENERATION_ALIASES)} and stop")
+                if value is not None:
+                    values[GENERATION_ALIASES[key]] = value
+        return cls.make(stop=stop, **values)
 
     @classmethod
     def make(cls, stop: str | Sequence[str] | None = None, **kwargs) -> "GenerationConfig":

@@ -14,11 +14,16 @@ their rendered chat turn, so the chunk sits inside the user message.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError, OptionError
+
 __all__ = ["PromptTemplate", "DEFAULT_IDK_WORD", "PROMPT_FILE"]
+
+logger = logging.getLogger("oprm_rag")
 
 DEFAULT_IDK_WORD = "Error"
 PROMPT_FILE = "oprm_prompt.json"
@@ -49,19 +54,24 @@ class PromptTemplate:
     system_prompt: str | None = None
 
     def __post_init__(self) -> None:
-        if "{question}" not in self.question_template:
-            raise ValueError("question_template needs a {question} field")
-        if not self.idk_word.strip():
-            raise ValueError("idk_word must be a non-empty word")
+        if self.question_template.count("{question}") != 1:
+            raise InputError("question_template needs exactly one {question} field")
+        if not isinstance(self.idk_word, str) or not self.idk_word.strip():
+            raise InputError("idk_word must be a non-empty word")
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_file(cls, path: str | Path) -> "PromptTemplate":
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path}: not a readable JSON prompt file ({exc})") from exc
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: a prompt file holds a JSON object, got {type(data).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"{path}: unknown prompt fields {sorted(unknown)}")
+            raise InputError(f"{path}: unknown prompt fields {sorted(unknown)}")
         return cls(**data)
 
     @classmethod
@@ -81,6 +91,26 @@ class PromptTemplate:
         return cls()
 
     def with_idk_word(self, word: str) -> "PromptTemplate":
+        """This prompt with another IDK word, refused where the prompt would still tell the
+        model to answer the old one.
+
+        A prompt whose text names its IDK word through an ``{idk}`` field follows the new
+        word. One that spells the old word out literally (the shipped demo model's does,
+        being trained on it) would ask for one word while the filter looks for another: a
+        silent wrong answer, so it is refused. One that names no IDK word at all is
+        allowed with a warning: the model is never told the word.
+        """
+        if word == self.idk_word:
+            return self
+        texts = (self.instruction, self.question_template)
+        if not any("{idk}" in t for t in texts):
+            if any(self.idk_word in t for t in texts):
+                raise OptionError(
+                    f"idk_word={word!r} disagrees with the prompt, which tells the model to answer "
+                    f"{self.idk_word!r} and has no {{idk}} field to change it; pass a prompt whose instruction "
+                    f"or question uses {{idk}}, or leave idk_word unset")
+            logger.warning("idk_word=%r: the prompt never names an IDK word ({idk}); the model is not told to "
+                           "answer it, so the IDK filter may never fire", word)
         return replace(self, idk_word=word)
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,24 +121,50 @@ class PromptTemplate:
         text = text.replace("{idk}", self.idk_word)
         return text.replace("{question}", question) if question is not None else text
 
-    def split(self, question: str, tokenizer: Any = None) -> tuple[str, str]:
-        """The text before the chunk (P) and after it (Q) for ``question``."""
+    def turn(self, context: str, question: str) -> str:
+        """The user turn's text (``P + C + Q`` without any chat wrapping)."""
+        return self._fill(self.instruction) + context + self._fill(self.question_template, question)
+
+    def split(self, question: str, renderer: Any = None) -> tuple[str, str]:
+        """The text before the chunk (P) and after it (Q) for ``question``.
+
+        With ``use_chat_template``, ``renderer`` applies the model's chat template: an
+        ``Engine`` (``apply_chat_template(messages)``) or a transformers tokenizer.
+        """
         before = self._fill(self.instruction)
         after = self._fill(self.question_template, question)
         if not self.use_chat_template:
             return before, after
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("use_chat_template=True needs a tokenizer with a chat template")
         messages = []
         if self.system_prompt:
             messages.append({"role": "system", "content": self.system_prompt})
         messages.append({"role": "user", "content": before + _SENTINEL + after})
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        rendered = _render_chat(renderer, messages)
         if rendered.count(_SENTINEL) != 1:
-            raise ValueError("the chat template altered the chunk marker; set use_chat_template=False")
+            raise InputError("the chat template altered the chunk marker; set use_chat_template=False")
         p, q = rendered.split(_SENTINEL)
         return p, q
 
-    def prefix(self, tokenizer: Any = None) -> str:
+    def render(self, question: str, context: str, renderer: Any = None) -> str:
+        """The exact text of ``[P, C, Q]``: the one rendering of an OPRM input, used by the
+        selector and by every wrapper that must send a model the same text."""
+        p, q = self.split(question, renderer)
+        return p + context + q
+
+    def prefix(self, renderer: Any = None) -> str:
         """P alone (it does not depend on the question)."""
-        return self.split("?", tokenizer)[0]
+        return self.split("?", renderer)[0]
+
+
+def _render_chat(renderer: Any, messages: list[dict[str, str]]) -> str:
+    """Apply a chat template through an Engine or a transformers tokenizer."""
+    if renderer is not None and hasattr(renderer, "chat_template"):  # a transformers tokenizer
+        if not getattr(renderer, "chat_template", None):
+            renderer = None
+        else:
+            return renderer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    rendered = renderer.apply_chat_template(messages) if renderer is not None else None
+    if rendered is None:
+        raise InputError("use_chat_template=True needs a model with a chat template; this one has none "
+                         "(use a PromptTemplate with use_chat_template=False)")
+    return rendered

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .scoring import ChunkScore
+from .results import ChunkScore
 
 __all__ = ["entropy_bars", "plot_entropy", "describe_chunk"]
 

@@ -1,84 +1,101 @@
-"""Chunk scores and the selection rules of OPRM.
+"""The selection rules of OPRM and the numbers they use.
 
 Each chunk is scored by the entropy (nats, float32) of the model's first-answer-token
 distribution after ``[P, C_i, Q]``. Chunks whose most likely first token starts the IDK
 word are dropped (the question told the model to say it when the text lacks the
-answer). The lowest-entropy survivor wins. Alternatives: keep ``top_k``, cut at an
-entropy threshold, or rank by the probability of the question given the chunk.
+answer). The lowest-entropy survivor wins. Options: keep ``top_k``, also drop above an
+entropy or an IDK-probability threshold, or rank by the probability of the question
+given the chunk.
+
+A row whose logits hold NaN or infinity (a float16 overflow does this) has no entropy:
+it is flagged and can never win, whatever its arithmetic would say.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-__all__ = ["ChunkScore", "Criterion", "Fallback", "first_token_stats", "idk_token_ids",
-           "question_logprob", "CandidatePool"]
+from .engine import FirstTokens
+from .errors import InputError
+from .results import ChunkScore, DropReason
 
-Criterion = Literal["entropy", "question_likelihood"]
-Fallback = Literal["min_entropy"] | None
+if TYPE_CHECKING:  # pragma: no cover
+    from .options import SelectorOptions
 
+__all__ = ["first_token_stats", "idk_token_ids", "question_logprob", "drop_reason", "CandidatePool",
+           "nonfinite_rows"]
 
-@dataclass
-class ChunkScore:
-    """One scored chunk: where it is, what the model made of it, and (on request) its input."""
-
-    doc_index: int
-    index: int
-    text: str
-    char_start: int
-    char_end: int
-    token_start: int
-    token_end: int
-    entropy: float
-    top_token_id: int
-    top_token: str
-    top_prob: float
-    is_idk: bool
-    question_logprob: float | None = None
-    input_ids: list[int] | None = None
-    selected: bool = False
-    rank: int | None = None
-
-    @property
-    def relevance_score(self) -> float:
-        """exp(-entropy) in (0, 1]: higher is better (1 = the model is certain)."""
-        return math.exp(-self.entropy)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["relevance_score"] = self.relevance_score
-        return d
+logger = logging.getLogger("oprm_rag")
 
 
-def first_token_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Entropy (nats), argmax and its probability for float logits [b, v], in float32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[b] bool: rows with NaN, +inf, or nothing finite at all (all -inf).
+
+    ``-inf`` on some tokens is fine (masked vocabulary); the softmax still exists.
+    """
+    lg = logits.float()
+    return torch.isnan(lg).any(-1) | torch.isposinf(lg).any(-1) | ~torch.isfinite(lg).any(-1)
+
+
+def first_token_stats(logits: torch.Tensor, idk_ids: Sequence[int] = ()) -> FirstTokens:
+    """Entropy (nats), argmax, its probability and the IDK mass for float logits [b, v].
+
+    Non-finite rows get NaN entropy, top id -1 and ``finite=False``.
+    """
+    lg = logits.float()
+    bad = nonfinite_rows(lg)
+    safe = torch.where(bad[:, None], torch.zeros_like(lg), lg)
+    logp = torch.log_softmax(safe, dim=-1)
     p = logp.exp()
     entropy = -(p * logp).nan_to_num(0.0).sum(-1)
     top_p, top = p.max(dim=-1)
-    return entropy, top, top_p
+    ids = sorted(set(int(i) for i in idk_ids))
+    idk = p[:, ids].sum(-1) if ids else torch.zeros(lg.shape[0])
+    nan = float("nan")
+    finite = (~bad).tolist()
+    return FirstTokens(
+        entropy=[e if ok else nan for e, ok in zip(entropy.tolist(), finite)],
+        top_id=[t if ok else -1 for t, ok in zip(top.tolist(), finite)],
+        top_prob=[x if ok else nan for x, ok in zip(top_p.tolist(), finite)],
+        idk_prob=[x if ok else nan for x, ok in zip(idk.tolist(), finite)],
+        finite=finite,
+    )
+
+
+def _round_trip(tokenizer: Any, text: str) -> tuple[list[int], str]:
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids, tokenizer.decode(ids).strip()
 
 
 def idk_token_ids(tokenizer: Any, idk_word: str) -> frozenset[int]:
-    """First tokens of the IDK word as an answer would start: bare and after a space.
+    """First tokens an answer that is the IDK word starts with: bare and after a space.
 
-    Derived from the tokenizer, never hard-coded, so any model's vocabulary works.
+    Derived from the tokenizer, never hard-coded. Compared as the tokenizer normalises
+    (an uncased vocabulary lowercases ``Error``), and at the byte level: a first token
+    that is part of a multi-byte character (Chinese IDK words in a byte-level BPE)
+    decodes to U+FFFD alone and counts when the whole word round-trips. A first token
+    that is only whitespace never counts (it would make every answer look like IDK).
     """
     ids: set[int] = set()
     for variant in (idk_word, " " + idk_word):
-        toks = tokenizer(variant, add_special_tokens=False)["input_ids"]
-        if toks:
-            first = toks[0]
-            piece = tokenizer.decode([first]).strip()
-            if piece and idk_word.startswith(piece):
-                ids.add(int(first))
+        toks, target = _round_trip(tokenizer, variant)
+        if not toks or not target:
+            continue
+        first = toks[0]
+        piece = tokenizer.decode([first]).strip()
+        if not piece:
+            continue
+        partial_bytes = set(piece) == {"\ufffd"} and "\ufffd" not in target
+        if target.startswith(piece) or partial_bytes:
+            ids.add(int(first))
     if not ids:
-        raise ValueError(f"the tokenizer cannot start the IDK word {idk_word!r} with one token")
+        raise InputError(f"the tokenizer cannot start the IDK word {idk_word!r} with a token of its own; "
+                         "choose another idk_word")
     return frozenset(ids)
 
 
@@ -95,7 +112,7 @@ def question_logprob(chunk_end_logits: torch.Tensor, question_logits: torch.Tens
     out = torch.zeros(b)
     for r in range(b):
         start = int(pad_left[r]) if pad_left is not None else 0
-        ids = question_ids[r, start:]
+        ids = question_ids[r, start:].to(lp_first.device)
         total = lp_first[r, ids[0]]
         if len(ids) > 1:
             total = total + lp_rest[r, start:].gather(-1, ids[1:, None]).sum()
@@ -103,18 +120,38 @@ def question_logprob(chunk_end_logits: torch.Tensor, question_logits: torch.Tens
     return out
 
 
+def drop_reason(score: ChunkScore, options: "SelectorOptions") -> DropReason | None:
+    """Why ``score`` cannot be selected under ``options`` (None: it can)."""
+    if not score.finite:
+        return "nonfinite"
+    if options.idk_filter and score.is_idk:
+        return "idk"
+    if options.idk_threshold is not None and score.idk_prob > options.idk_threshold:
+        return "idk_threshold"
+    if options.entropy_threshold is not None and score.entropy > options.entropy_threshold:
+        return "entropy_threshold"
+    return None
+
+
+def badness(score: ChunkScore) -> float:
+    """Lower is better: what the criterion ranks by, turned around."""
+    return -score.relevance_score
+
+
 @dataclass(order=True)
 class _Entry:
     key: float
-    seq: int
+    seq: float
     item: Any = field(compare=False)
 
 
 class CandidatePool:
-    """Keeps the ``k`` best candidates seen so far (and the best IDK one for fallback).
+    """Keeps the ``k`` best eligible candidates seen so far (and the best dropped one for
+    the fallback).
 
     The selector streams over chunk batches and keeps only states that can still win,
-    so memory depends on ``k`` and the state size, not on the document's length.
+    so memory depends on ``k`` and the state size, not on the document's length. A
+    non-finite candidate is never kept, not even as the fallback.
     """
 
     def __init__(self, k: int, keep_fallback: bool) -> None:
@@ -123,19 +160,18 @@ class CandidatePool:
         self._heap: list[_Entry] = []  # min-heap on -badness: the worst kept is on top
         self._fallback: _Entry | None = None
 
-    def offer(self, badness: float, eligible: bool, entropy: float, order: float, item: Any) -> None:
-        """``badness``: lower is better; ``order``: document position, earlier wins ties.
-
-        Ineligible (IDK) items only compete to be the fallback.
-        """
-        if eligible:
-            entry = _Entry(-badness, -order, item)  # greater is better
+    def offer(self, score: ChunkScore, order: float, item: Any) -> None:
+        """``order``: document position, earlier wins ties."""
+        if not score.finite:
+            return
+        if score.eligible:
+            entry = _Entry(-badness(score), -order, item)  # greater is better
             if len(self._heap) < self.k:
                 heapq.heappush(self._heap, entry)
             elif entry > self._heap[0]:
                 heapq.heapreplace(self._heap, entry)
         elif self.keep_fallback:
-            entry = _Entry(entropy, order, item)
+            entry = _Entry(score.entropy, order, item)
             if self._fallback is None or entry < self._fallback:
                 self._fallback = entry
 

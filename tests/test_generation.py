@@ -58,23 +58,23 @@ def test_config_validation():
 def test_sampling_is_reproducible_with_a_seed(load_lm):
     lm = load_lm("mamba")
     cfg = GenerationConfig(max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.95, seed=11)
-    a = lm.complete("The code of", cfg).text()
-    b = lm.complete("The code of", cfg).text()
-    c = lm.complete("The code of", GenerationConfig(max_new_tokens=8, temperature=1.0, seed=12)).text()
+    a = lm.context.complete("The code of", cfg).text()
+    b = lm.context.complete("The code of", cfg).text()
+    c = lm.context.complete("The code of", GenerationConfig(max_new_tokens=8, temperature=1.0, seed=12)).text()
     assert a == b
-    assert len(lm.complete("The code of", cfg).result.token_ids) <= 8
+    assert len(lm.context.complete("The code of", cfg).result.token_ids) <= 8
     assert isinstance(c, str)
 
 
 def test_complete_counts_tokens_and_reports_finish(load_lm):
     lm = load_lm("mamba2")
-    stream = lm.complete("The code of alpha is", GenerationConfig(max_new_tokens=5))
+    stream = lm.context.complete("The code of alpha is", GenerationConfig(max_new_tokens=5))
     pieces = list(stream)
     r = stream.result
     assert "".join(pieces) == r.text
     assert r.prompt_tokens == len(lm.encode("The code of alpha is", add_special_tokens=True))
     assert r.completion_tokens <= 5 and r.finish_reason in ("length", "eos", "stop")
-    assert r.usage["total_tokens"] == r.prompt_tokens + r.completion_tokens
+    assert r.usage.total_tokens == r.prompt_tokens + r.completion_tokens
 
 
 def test_batch_decoding_equals_single(load_lm):
@@ -85,6 +85,6 @@ def test_batch_decoding_equals_single(load_lm):
 
     state = RecurrentState.cat([o.state for o in outs])
     logits = torch.cat([o.logits for o in outs])
-    batch = lm.generate_batch_from(state, logits, GenerationConfig(max_new_tokens=6))
+    batch = lm.context.generate_batch(state, list(logits), GenerationConfig(max_new_tokens=6))
     for p, o, g in zip(prompts, outs, batch):
-        assert lm.generate_from(o.state, o.logits, GenerationConfig(max_new_tokens=6)).text == g.text
+        assert lm.context.stream(o.state, o.logits, GenerationConfig(max_new_tokens=6)).text() == g.text

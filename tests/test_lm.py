@@ -44,7 +44,7 @@ def test_the_registry_loads_once_and_shares(model_dir):
     b = resolve_lm(str(model_dir("mamba")))
     assert a is b
     sel = OPRMSelector(str(model_dir("mamba")), chunk_tokens=32)
-    assert sel.lm is a and sel.cache is a.document_cache()
+    assert sel.lm is a and sel.cache is a.context.document_cache()
     forget_models()
 
 
@@ -91,16 +91,19 @@ def test_handoff_resumes_and_equals_the_plain_path(load_lm):
     sel = OPRMSelector(lm, chunk_tokens=32, idk_filter=False)
     doc = "The code of alpha is 1234. Mamba models keep a fixed size state. " * 6
     q = "What is the code of alpha?"
-    res = sel.select(q, doc)
+    entries = len(lm.context.handoff)
+    sel.select(q, doc)
+    assert len(lm.context.handoff) == entries  # no handoff unless asked: select() writes no registry entry
+    res = sel.select(q, doc, handoff=True)
     text = sel.prompt_text(q, res.best.text)
-    hits = lm.handoff.hits
+    hits = lm.context.handoff.hits
     before = lm.counters["prefill_tokens"]
-    resumed = lm.complete(text, add_special_tokens=not lm.prompt.use_chat_template)
+    resumed = lm.context.complete(text, add_special_tokens=not lm.prompt.use_chat_template)
     out = resumed.text()
-    assert resumed.handoff_hit and lm.handoff.hits == hits + 1
+    assert resumed.handoff_hit and lm.context.handoff.hits == hits + 1
     assert lm.counters["prefill_tokens"] == before  # nothing prefilled again
-    lm.handoff.clear()
-    fresh = lm.complete(text, add_special_tokens=not lm.prompt.use_chat_template)
+    lm.context.handoff.clear()
+    fresh = lm.context.complete(text, add_special_tokens=not lm.prompt.use_chat_template)
     assert fresh.text() == out and not fresh.handoff_hit
 
 

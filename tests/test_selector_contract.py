@@ -48,9 +48,9 @@ def test_scores_equal_a_plain_forward_of_the_exact_inputs(load_lm, family):
         assert c.input_ids[-len(sel._question_ids(QUESTION)):] == sel._question_ids(QUESTION)
         with torch.no_grad():
             logits = lm.model(input_ids=torch.tensor([c.input_ids]), use_cache=False).logits[:, -1]
-        ent, top, _ = first_token_stats(logits)
-        assert int(top) == c.top_token_id
-        worst = max(worst, abs(float(ent) - c.entropy))
+        stats = first_token_stats(logits)
+        assert stats.top_id[0] == c.top_token_id
+        worst = max(worst, abs(stats.entropy[0] - c.entropy))
     assert worst < 1e-4, f"{family}: entropy differs from a plain forward by {worst}"
 
 
@@ -62,7 +62,7 @@ def test_answer_equals_plain_greedy_on_the_best_chunk(load_lm, family):
     assert ans.chunk is not None and ans.chunk.selected and ans.chunk.rank == 0
     ref = plain_greedy(lm, ans.input_ids, 6)
     assert lm.tokenizer.decode(ref, skip_special_tokens=True) == ans.text
-    assert ans.usage["output_tokens"] == len(ref)
+    assert ans.usage.output_tokens == len(ref)
     # the lowest entropy won
     assert ans.chunk.entropy == min(c.entropy for c in ans.chunks)
 
@@ -81,9 +81,9 @@ def test_cached_follow_up_equals_fresh_computation(load_lm, family):
         assert abs(a.entropy - b.entropy) < 1e-5 and a.top_token_id == b.top_token_id
     # a follow-up costs only the question per chunk
     q = len(cached_sel._question_ids(QUESTION))
-    assert cached.usage["input_tokens"] == len(cached.chunks) * q  # P's state is memoised too
-    assert cached.usage["cached_chunks"] == len(cached.chunks)
-    assert fresh.usage["nominal_input_tokens"] == cached.usage["nominal_input_tokens"] > 10 * q * len(DOCS)
+    assert cached.usage.input_tokens == len(cached.chunks) * q  # P's state is memoised too
+    assert cached.usage.cached_chunks == len(cached.chunks)
+    assert fresh.usage.nominal_input_tokens == cached.usage.nominal_input_tokens > 10 * q * len(DOCS)
 
 
 def test_stream_pieces_join_to_the_answer(load_lm):

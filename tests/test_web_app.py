@@ -30,7 +30,6 @@ from oprm_rag.demo.recall_task import Fact, RecallDocument, build_document, held
 from oprm_rag.testing import pdf_bytes
 from oprm_rag.web import WebSettings, create_app, main
 from oprm_rag.web.documents import DocumentStore, clean_name
-from oprm_rag.web.engine import AskRun
 
 DEMO_READY = Path(DEMO_MODEL, "model.safetensors").is_file()
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +37,7 @@ SCREENSHOT = ROOT / "docs" / "images" / "web_app.png"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 MAX_NEW = 12
+LOCAL = "http://127.0.0.1"  # the app answers loopback Host names only (DNS-rebinding guard)
 
 
 @dataclass
@@ -66,7 +66,7 @@ def env(request: pytest.FixtureRequest) -> Iterator[WebEnv]:
     # About four chunks' worth of text (4.2 chars per token on the demo tokenizer).
     doc = build_document(rng, heldout_prose(), 6, max(3000, int(chunk_tokens * 4.2 * 4)))
     target = doc.facts[len(doc.facts) // 2]
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         yield WebEnv(lm, kwargs, app, client, doc, target, question_for(target.key), DEMO_READY)
 
 
@@ -143,7 +143,7 @@ def test_upload_wrong_content_type_and_bad_json(env: WebEnv) -> None:
 
 def test_size_limits(env: WebEnv) -> None:
     app = create_app(env.lm, settings=WebSettings(max_upload_bytes=64, max_document_chars=20), **env.selector_kwargs)
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         r = c.post("/api/documents", files={"file": ("big.txt", b"x" * 100, "text/plain")})
         assert r.status_code == 413 and "limit" in r.json()["error"]
         r = c.post("/api/documents", json={"text": "y" * 30})
@@ -182,14 +182,16 @@ def test_ask_streams_scores_then_pieces_then_done(env: WebEnv) -> None:
         assert win["char_start"] <= start and end <= win["char_end"]
 
 
-def test_every_chunk_idk_answers_the_idk_word(env: WebEnv) -> None:
-    # A threshold below any entropy leaves no eligible chunk: the engine's all-IDK path.
+def test_no_eligible_chunk_answers_the_idk_word_and_says_why(env: WebEnv) -> None:
+    # A threshold below any entropy leaves no eligible chunk: the IDK answer, and the reason
+    # is the threshold, not "every chunk said IDK".
     app = create_app(env.lm, entropy_threshold=-1.0, **env.selector_kwargs)
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         doc_id = _upload_text(c, env.doc.text)
         events = _lines(c.post("/api/ask", json={"doc_id": doc_id, "question": env.question}).text)
     scores, done = events[0], events[-1]
-    assert scores["winner"] is None and scores["all_idk"] is True
+    assert scores["winner"] is None and scores["all_idk"] is False
+    assert "above the entropy threshold" in scores["no_answer_reason"]
     assert not any(ch["selected"] for ch in scores["chunks"])
     assert done["answer"] == scores["idk_word"] == "".join(e["text"] for e in events[1:-1])
     assert done["winner"] is None and done["finish_reason"] == "idk"
@@ -215,7 +217,7 @@ def test_ask_errors_are_clear(env: WebEnv, body, status, needle) -> None:
 def test_engine_rejections_come_back_as_4xx_before_streaming(env: WebEnv) -> None:
     # The engine refuses a question as long as a chunk; that must be a 422, not a broken stream.
     app = create_app(env.lm, chunk_tokens=16)
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         doc_id = _upload_text(c, env.doc.text)
         r = c.post("/api/ask", json={"doc_id": doc_id, "question": " ".join(["what"] * 40) + "?"})
     assert r.status_code == 422 and "as many as a chunk" in r.json()["error"]
@@ -236,13 +238,13 @@ def test_document_store_is_bounded() -> None:
 def test_model_loads_lazily_and_a_missing_one_is_a_503(tmp_path: Path, model_dir) -> None:
     assert create_app().state.engine.model_name == DEMO_MODEL  # the default, not loaded at creation
     app = create_app(str(tmp_path / "no-model-here"))
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         assert c.get("/api/health").json()["model_loaded"] is False
         doc_id = _upload_text(c, "The code of abcd is 1234. Some more prose here.")
         r = c.post("/api/ask", json={"doc_id": doc_id, "question": "What is the code of abcd?"})
         assert r.status_code == 503 and "could not load the model" in r.json()["error"]
     app = create_app(str(model_dir("mamba2")), chunk_tokens=64)
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         assert c.get("/api/health").json()["model_loaded"] is False
         doc_id = _upload_text(c, "The code of abcd is 1234. Some more prose here.")
         r = c.post("/api/ask", json={"doc_id": doc_id, "question": "What is the code of abcd?", "max_new_tokens": 2})
@@ -319,8 +321,8 @@ def _gated_app(env: WebEnv, **settings: Any) -> tuple[FastAPI, threading.Event, 
     app = create_app(env.lm, settings=WebSettings(**settings), **env.selector_kwargs)
     sel = app.state.engine.selector()
     gate, paused, log = threading.Event(), threading.Event(), {}
-    real = sel.stream
-    sel.stream = lambda *a, **k: _GatedStream(real(*a, **k), gate, paused, log)  # type: ignore[method-assign]
+    real = sel.stream_from
+    sel.stream_from = lambda *a, **k: _GatedStream(real(*a, **k), gate, paused, log)  # type: ignore[method-assign]
     return app, gate, paused, log
 
 
@@ -346,16 +348,8 @@ def test_answers_stream_while_the_server_stays_responsive(env: WebEnv) -> None:
     assert second["text"] + "".join(e["text"] for e in rest[:-1]) == rest[-1]["answer"]
 
 
-def test_client_leaving_stops_decoding(env: WebEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_client_leaving_stops_decoding(env: WebEnv) -> None:
     app, gate, paused, log = _gated_app(env)
-    cancelled = threading.Event()
-    real_cancel = AskRun.cancel
-
-    def cancel(self: AskRun) -> None:
-        cancelled.set()
-        real_cancel(self)
-
-    monkeypatch.setattr(AskRun, "cancel", cancel)
     limit = 400
     with serve(app) as url:
         with httpx.Client(base_url=url, timeout=30) as client:
@@ -366,8 +360,7 @@ def test_client_leaving_stops_decoding(env: WebEnv, monkeypatch: pytest.MonkeyPa
                 assert paused.wait(60)
         # The connection is closed; let the worker go on: the server must notice and stop it.
         gate.set()
-        assert cancelled.wait(60)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while "closed_early" not in log and time.monotonic() < deadline:
             time.sleep(0.02)
     assert log.get("closed_early") is True

@@ -46,7 +46,7 @@ def run_demo(lm: Any, facts: int = 96, seed: int = 7, out=sys.stdout) -> int:
     t0 = time.perf_counter()
     plain = OPRMSelector(lm, chunk_tokens=None, cache=False).answer(question, doc.text, max_new_tokens=8)
     t_plain = time.perf_counter() - t0
-    sel = OPRMSelector(lm, chunk_tokens="auto", boundary="sentence", show_progress=True, cache=False)
+    sel = OPRMSelector(lm, show_progress=True, cache=False)  # the defaults: the model's own chunk size
     t0 = time.perf_counter()
     oprm = sel.answer(question, doc.text, max_new_tokens=8)
     t_oprm = time.perf_counter() - t0

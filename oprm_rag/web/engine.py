@@ -1,97 +1,65 @@
-"""The model side of the web app: one lazily loaded selector, and answers run off the event loop.
+"""The model side of the web app: one lazily loaded selector, answers run off the event loop.
 
 Scoring and decoding are seconds of CPU work inside torch; run on the event loop they
 would freeze every other request (health checks, uploads, other pages). Each question
-therefore runs in its own worker thread that drives ``OPRMSelector.stream`` and hands
-events to the event loop through an ``asyncio.Queue``. A semaphore bounds how many
-questions use the model at once, because parallel runs on one CPU model only slow each
-other down.
+runs as :func:`ask_events` in a worker thread through the library's one async bridge
+(:func:`oprm_rag.aio.aiter_in_thread`), which also stops the worker when the client
+leaves. A semaphore bounds how many questions use the model at once, because parallel
+runs on one CPU model only slow each other down.
+
+Every event is a translation of the core result types (``SelectionResult.to_dict``,
+``Answer.to_dict``); only the user's mistakes (:class:`~oprm_rag.errors.InputError`)
+become 4xx answers, anything else is reported as an internal fault with its type.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import logging
-import math
 import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..errors import InputError, ModelLoadError
 from ..lm import RecurrentLM
-from ..scoring import ChunkScore
-from ..selector import Answer, AnswerStream, OPRMSelector, SelectionResult
+from ..options import SelectorOptions
+from ..selector import OPRMSelector
 
-__all__ = ["Engine", "ModelUnavailable", "AskRun", "Event"]
+__all__ = ["SelectorService", "ask_events", "Event"]
 
 logger = logging.getLogger("oprm_rag.web")
 
 Event = dict[str, Any]
 
-#: What the selector is built with unless ``create_app`` is told otherwise (as the CLI does).
-DEFAULT_SELECTOR_KWARGS: dict[str, Any] = {"chunk_tokens": "auto", "boundary": "sentence"}
 
-
-class ModelUnavailable(Exception):
-    """The model could not be loaded; the message says which and why."""
-
-
-def _finite(x: float | None) -> float | None:
-    """JSON has no NaN or infinity (``JSON.parse`` rejects them): send null instead."""
-    return x if x is not None and math.isfinite(x) else None
-
-
-def chunk_event(c: ChunkScore) -> dict[str, Any]:
-    """What the page needs per chunk: its span, its score and why it was or was not chosen."""
-    return {"doc_index": c.doc_index, "index": c.index, "char_start": c.char_start, "char_end": c.char_end,
-            "entropy": _finite(c.entropy), "top_token": c.top_token, "top_prob": _finite(c.top_prob),
-            "is_idk": c.is_idk, "selected": c.selected}
-
-
-def span_of(c: ChunkScore | None) -> dict[str, Any] | None:
-    if c is None:
-        return None
-    return {"index": c.index, "char_start": c.char_start, "char_end": c.char_end, "entropy": _finite(c.entropy)}
-
-
-def scores_event(sel: SelectionResult, chunk_tokens: int | None, seconds: float) -> Event:
-    return {"type": "scores", "chunks": [chunk_event(c) for c in sel.chunks], "winner": span_of(sel.best),
-            "all_idk": sel.all_idk, "idk_word": sel.idk_word, "chunk_tokens": chunk_tokens,
-            "scoring_seconds": round(seconds, 4)}
-
-
-def done_event(ans: Answer, seconds: float) -> Event:
-    return {"type": "done", "answer": ans.text, "finish_reason": ans.finish_reason, "all_idk": ans.all_idk,
-            "winner": span_of(ans.chunk), "usage": ans.usage, "seconds": round(seconds, 4)}
-
-
-class Engine:
+class SelectorService:
     """The model and its selector, loaded on first use and then shared by every request.
 
-    ``model`` may be a loaded ``RecurrentLM`` (the selector is built at once, so bad
-    selector options fail at start-up) or a path (loaded on first use through the
+    ``model`` may be a loaded ``RecurrentLM`` or an ``Engine`` (the selector is built at
+    once, so bad options fail at start-up) or a path (loaded on first use through the
     process-wide registry, so an app and the CLI in one process share weights). A failed
-    load is not remembered: the next request tries again, which lets a server started
-    before the demo model finished training pick it up once it is there.
+    load is not remembered: the next request tries again.
     """
 
-    def __init__(self, model: RecurrentLM | str | Path, selector_kwargs: dict[str, Any] | None = None,
+    def __init__(self, model: Any, options: SelectorOptions | None = None,
                  load_options: dict[str, Any] | None = None, max_concurrent: int = 1) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
         self._model = model
-        self.selector_kwargs = {**DEFAULT_SELECTOR_KWARGS, **(selector_kwargs or {})}
+        self.options = options or SelectorOptions()
         self.load_options = dict(load_options or {})
         self._selector: OPRMSelector | None = None
         self._load_lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(max_concurrent)
-        if isinstance(model, RecurrentLM):
-            self._selector = OPRMSelector(model, **self.selector_kwargs)
+        if not isinstance(model, (str, Path)):
+            self._selector = OPRMSelector(model, self.options)
 
     @property
     def model_name(self) -> str:
-        return self._model.name if isinstance(self._model, RecurrentLM) else str(self._model)
+        if isinstance(self._model, RecurrentLM):
+            return str(self._model.name)
+        name = getattr(self._model, "name", None)
+        return str(name) if name is not None else str(self._model)
 
     @property
     def loaded(self) -> bool:
@@ -107,91 +75,58 @@ class Engine:
 
                 try:
                     lm = resolve_lm(self._model, **self.load_options)
+                except ModelLoadError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - transformers/torch raise many kinds on a bad folder
-                    raise ModelUnavailable(f"could not load the model {self.model_name!r}: {exc}") from exc
-                self._selector = OPRMSelector(lm, **self.selector_kwargs)
+                    raise ModelLoadError(f"could not load the model {self.model_name!r}: "
+                                         f"{type(exc).__name__}: {exc}") from exc
+                self._selector = OPRMSelector(lm, self.options)
             return self._selector
 
     def info(self) -> dict[str, Any]:
         sel = self._selector
-        return {"model": self.model_name, "model_loaded": sel is not None,
-                "family": sel.lm.family if sel is not None else None,
-                "chunk_tokens": sel.chunk_tokens if sel is not None else None}
+        family = getattr(getattr(sel.engine, "lm", None), "family", "served") if sel is not None else None
+        return {"model": self.model_name, "model_loaded": sel is not None, "family": family,
+                "chunk_tokens": sel.chunk_tokens if sel is not None else None,
+                "chunk_tokens_reason": sel.chunk.reason if sel is not None else None}
 
 
-class AskRun:
-    """One question answered in a worker thread; events arrive on ``next_event``.
+def ask_events(service: SelectorService, selector: OPRMSelector, question: str, text: str,
+               max_new_tokens: int) -> Iterator[Event]:
+    """One question's events, computed in the calling (worker) thread.
 
-    Events, in order: ``scores`` (every chunk's entropy and the winner's span), any
-    number of ``piece`` (answer text as decoded), then ``done`` (final text and usage);
-    or a single ``error`` instead. An ``error`` before ``scores`` carries an HTTP
-    ``status`` (the question or document was rejected by the engine), so the app can
-    still answer with a plain 4xx instead of a stream.
+    In order: ``scores`` (every chunk and the winner), any number of ``piece`` (answer
+    text as decoded), then ``done`` (final text and usage); or one ``error`` instead.
+    An ``error`` before ``scores`` carries an HTTP ``status`` (422: the input was
+    refused; 500: an internal fault), so the app can still answer with a plain status.
     """
-
-    def __init__(self, engine: Engine, selector: OPRMSelector, question: str, text: str,
-                 max_new_tokens: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.engine = engine
-        self.selector = selector
-        self.question = question
-        self.text = text
-        self.max_new_tokens = max_new_tokens
-        self._loop = loop
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._cancel = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="oprm-web-ask", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def cancel(self) -> None:
-        """Stop decoding at the next piece (the client went away)."""
-        self._cancel.set()
-
-    async def next_event(self) -> Event:
-        return await self._queue.get()
-
-    # ------------------------------------------------------------------ worker thread
-    def _emit(self, event: Event) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the loop is closed: the server is shutting down
-            self._cancel.set()
-
-    def _work(self) -> None:
-        with self.engine.slots:
-            if self._cancel.is_set():
-                return
-            try:
-                self._answer()
-            except Exception as exc:  # noqa: BLE001 - report any model failure to the page, then log it
-                logger.exception("answering %r failed", self.question)
-                self._emit({"type": "error", "status": 500, "error": f"the model failed: {exc}"})
-
-    def _answer(self) -> None:
+    with service.slots:
         t0 = time.perf_counter()
         try:
-            stream: AnswerStream = self.selector.stream(self.question, self.text,
-                                                        max_new_tokens=self.max_new_tokens)
-        except (ValueError, TypeError) as exc:  # the engine's input checks (e.g. a question longer than a chunk)
-            self._emit({"type": "error", "status": 422, "error": str(exc)})
+            result = selector.select(question, text)
+        except InputError as exc:
+            yield {"type": "error", "status": 422, "error": str(exc)}
             return
-        pieces: Iterator[str] = iter(stream)
-        # Send the scores before any decoding where the stream carries its selection from the
-        # start; an engine that attaches it only when iteration begins needs the first piece.
-        ahead: list[str] = []
-        if stream.selection is None:
-            first = next(pieces, None)
-            ahead = [] if first is None else [first]
-        assert stream.selection is not None
-        self._emit(scores_event(stream.selection, self.selector.chunk_tokens, time.perf_counter() - t0))
-        for piece in itertools.chain(ahead, pieces):
-            if piece:
-                self._emit({"type": "piece", "text": piece})
-            if self._cancel.is_set():
-                close = getattr(pieces, "close", None)
-                if close is not None:
-                    close()
-                return
+        except Exception as exc:  # noqa: BLE001 - an internal fault: say so, with its type
+            logger.exception("scoring %r failed", question)
+            yield {"type": "error", "status": 500, "error": f"internal error: {type(exc).__name__}: {exc}"}
+            return
+        yield {"type": "scores", **result.to_dict(include_text=False),
+               "scoring_seconds": round(time.perf_counter() - t0, 4)}
+        stream = selector.stream_from(result, max_new_tokens=max_new_tokens)
+        pieces = iter(stream)
+        try:
+            for piece in pieces:
+                if piece:
+                    yield {"type": "piece", "text": piece}
+        except Exception as exc:  # noqa: BLE001 - mid-stream: the page shows it
+            logger.exception("decoding %r failed", question)
+            yield {"type": "error", "error": f"internal error while decoding: {type(exc).__name__}: {exc}"}
+            return
+        finally:
+            close = getattr(pieces, "close", None)  # the client left: stop decoding now
+            if close is not None:
+                close()
         assert stream.answer is not None
-        self._emit(done_event(stream.answer, time.perf_counter() - t0))
+        yield {"type": "done", **stream.answer.to_dict(include_text=False),
+               "seconds": round(time.perf_counter() - t0, 4)}

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 from langchain_core.language_models import LangSmithParams
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ._generation import make_config
-from ._model import ModelLike, check_model, model_name, resolve, validate_model_field
+from ._model import ModelLike, check_model, model_name, resolve_lm, validate_model_field
 
 if TYPE_CHECKING:
     from oprm_rag.generation import GenerationConfig
@@ -74,7 +73,7 @@ class RecurrentModelBase(BaseModel):
 
     def get_lm(self, model: Any = None) -> "RecurrentLM":
         """The shared ``RecurrentLM`` (``model`` overrides this instance's for one call)."""
-        return resolve(check_model(model) if model is not None else self.model)
+        return resolve_lm(check_model(model) if model is not None else self.model)
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids from the model's own tokenizer (loads the model on first use)."""
@@ -90,9 +89,11 @@ class RecurrentModelBase(BaseModel):
         """The model and decoding configuration of one call: per-call kwargs (and a per-call
         ``model``) override the fields. The configuration is made first, so bad arguments
         fail before any weights load."""
+        from oprm_rag.generation import GenerationConfig
+
         kwargs = dict(kwargs)
         override = kwargs.pop("model", None)
         defaults = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                     "top_k": self.top_k, "seed": self.seed}
-        config = make_config(defaults, stop if stop is not None else self.stop, kwargs)
+        config = GenerationConfig.from_call(defaults, kwargs, stop if stop is not None else self.stop)
         return self.get_lm(override), config

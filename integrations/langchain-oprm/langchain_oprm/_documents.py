@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from oprm_rag.selector import SelectionResult
 
 __all__ = ["DocumentsInput", "Request", "parse_documents", "make_request", "parse_request", "selected_documents",
-           "query_of"]
+           "query_of", "context_of"]
 
 DocumentsInput = Union[str, Document, Sequence[Union[str, Document]]]
 
@@ -83,20 +83,25 @@ def query_of(value: Any) -> str:
 
 
 def selected_documents(request: Request, result: "SelectionResult") -> list[Document]:
-    """The chosen chunks, best first, as ``Document`` objects with their source's metadata."""
+    """The chosen chunks, best first, as ``Document`` objects: the source's metadata plus
+    the core's ``ChunkScore.metadata()`` (``oprm_*`` keys) and LangChain's
+    ``relevance_score`` (higher is better). ``oprm_doc_index`` is the source's position
+    in the list the caller passed."""
     out = []
     for score in result.selected:
         index = request.source_of[score.doc_index]
-        source = request.sources[index]
-        metadata: dict[str, Any] = {
-            **source.metadata,
-            "oprm_entropy": float(score.entropy),
-            "relevance_score": float(score.relevance_score),
-            "oprm_rank": int(score.rank if score.rank is not None else 0),
-            "oprm_chunk_index": int(score.index),
-            "char_start": int(score.char_start),
-            "char_end": int(score.char_end),
-            "source_index": index,
-        }
+        metadata: dict[str, Any] = {**request.sources[index].metadata, **score.metadata(),
+                                    "oprm_doc_index": index, "relevance_score": float(score.relevance_score)}
         out.append(Document(page_content=score.text, metadata=metadata))
     return out
+
+
+def context_of(documents: Sequence[Document]) -> str:
+    """Selected chunks' text joined the core's way (document order; adjacent chunks run on)."""
+    from types import SimpleNamespace
+
+    from oprm_rag.results import join_chunk_texts
+
+    parts = [SimpleNamespace(doc_index=d.metadata.get("oprm_doc_index", 0), char_start=d.metadata.get(
+        "oprm_char_start", 0), char_end=d.metadata.get("oprm_char_end", 0), text=d.page_content) for d in documents]
+    return join_chunk_texts(parts)

@@ -9,7 +9,6 @@ answers exactly as a fresh run over the same tokens would.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Optional
 
 from langchain_core.documents import Document
@@ -17,6 +16,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langchain_core.prompt_values import ChatPromptValue
 from langchain_core.runnables import Runnable, RunnableBranch, RunnableLambda, RunnablePassthrough
 
+from ._documents import context_of
 from ._model import ModelLike
 from .chat_models import ChatRecurrent
 from .selector import OPRMSelector
@@ -27,28 +27,19 @@ __all__ = ["create_oprm_qa_chain", "oprm_prompt_messages"]
 def oprm_prompt_messages(selector: OPRMSelector, question: str, documents: list[Document]) -> list[BaseMessage]:
     """The chat messages that render to the selector's ``[P, C, Q]`` text for ``documents``.
 
-    One document (``top_k=1``, the default) reproduces ``prompt_text(question, chunk)``
-    exactly, so the handoff hits. Several are joined in document order the way the
-    engine joins them (adjacent chunks run on, others are separated by a blank line);
-    no state was stored for that text, so the chat model reads it from the start.
+    The user turn is the core's one rendering (``PromptTemplate.turn``) of the chunks
+    joined the core's way; the chat model's own template adds the chat wrapping back,
+    which is how the engine cut P and Q out. One document (``top_k=1``, the default)
+    reproduces ``prompt_text(question, chunk)`` exactly, so the handoff hits; several
+    have no stored state, so the chat model reads them from the start.
     """
     if not documents:
         raise ValueError("no documents were selected")
-    engine = selector.engine()
-    template = engine.prompt
-    ordered = sorted(documents, key=lambda d: (d.metadata.get("source_index", 0), d.metadata.get("char_start", 0)))
-    context = ordered[0].page_content
-    for prev, doc in zip(ordered, ordered[1:]):
-        adjacent = (doc.metadata.get("source_index") == prev.metadata.get("source_index")
-                    and doc.metadata.get("char_start") == prev.metadata.get("char_end"))
-        context += ("" if adjacent else "\n\n") + doc.page_content
-    # The user turn's text: P and Q without the chat template's wrapping (the chat
-    # model's own template adds it back, which is how the engine cut P and Q out).
-    before, after = replace(template, use_chat_template=False).split(question)
+    template = selector.core_selector().prompt
     messages: list[BaseMessage] = []
     if template.use_chat_template and template.system_prompt:
         messages.append(SystemMessage(template.system_prompt))
-    messages.append(HumanMessage(before + context + after))
+    messages.append(HumanMessage(template.turn(context_of(documents), question)))
     return messages
 
 
@@ -74,8 +65,7 @@ def create_oprm_qa_chain(model: ModelLike, *, max_tokens: int = 64, temperature:
         return ChatPromptValue(messages=oprm_prompt_messages(selector, inputs["question"], inputs["context"]))
 
     def idk_answer(inputs: dict[str, Any]) -> AIMessage:
-        engine = selector.engine()
-        return AIMessage(content=engine.prompt.idk_word,
+        return AIMessage(content=selector.core_selector().prompt.idk_word,
                          response_metadata={"model_name": selector.model_name, "oprm_all_idk": True,
                                             "oprm_handoff_hit": False})
 

@@ -118,9 +118,9 @@ class ChatRecurrent(RecurrentModelBase, BaseChatModel):
         if not use_template:
             return "\n\n".join(message_text(m) for m in messages), True
         turns = [{"role": message_role(m), "content": message_text(m)} for m in messages]
-        if getattr(lm.tokenizer, "chat_template", None):
-            text = lm.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-            return str(text), False
+        rendered = lm.context.apply_chat_template(turns)
+        if rendered is not None:
+            return str(rendered), False
         # No template: the same transcript RecurrentLM.chat_ids falls back to.
         return "".join(f"{t['role'].capitalize()}: {t['content']}\n" for t in turns) + "Assistant:", True
 
@@ -130,7 +130,7 @@ class ChatRecurrent(RecurrentModelBase, BaseChatModel):
             raise NotImplementedError("ChatRecurrent does not support tool calling")
         lm = self.get_lm()
         text, special = self.render(messages, lm)
-        return len(lm.prompt_ids(text, add_special_tokens=special))
+        return len(lm.context.prompt_ids(text, add_special_tokens=special))
 
     # ------------------------------------------------------------------ running
     def _pieces(self, messages: list[BaseMessage], stop: Optional[list[str]],

@@ -15,13 +15,13 @@ from langchain_core.callbacks import Callbacks
 from langchain_core.documents import Document
 from langchain_core.documents.compressor import BaseDocumentCompressor
 
-from ._options import ENGINE_FIELDS, SelectorOptions
+from ._options import OPTION_NAMES, SelectorFields
 from .selector import OPRMSelector
 
 __all__ = ["OPRMCompressor"]
 
 
-class OPRMCompressor(SelectorOptions, BaseDocumentCompressor):
+class OPRMCompressor(SelectorFields, BaseDocumentCompressor):
     """Keep the chunks of the retrieved documents that the model can answer the query from.
 
     Takes the same settings as ``OPRMSelector``. Returned chunks are best first and
@@ -42,7 +42,7 @@ class OPRMCompressor(SelectorOptions, BaseDocumentCompressor):
 
     def as_selector(self) -> OPRMSelector:
         """The ``OPRMSelector`` with this compressor's settings."""
-        return OPRMSelector(model=self.model, **{k: getattr(self, k) for k in ENGINE_FIELDS})
+        return OPRMSelector(model=self.model, **{k: getattr(self, k) for k in OPTION_NAMES})
 
     def compress_documents(self, documents: Sequence[Document], query: str,
                            callbacks: Optional[Callbacks] = None) -> Sequence[Document]:

@@ -17,11 +17,11 @@ from langchain_core.outputs import GenerationChunk, LLMResult
 from langchain_core.runnables.config import run_in_executor
 
 from ._base import RecurrentModelBase
-from ._generation import Done, decode, iterate_in_thread, start, usage_metadata
+from ._generation import Done, decode, iterate_in_thread, usage_metadata
 
 if TYPE_CHECKING:
+    from oprm_rag.context import PromptStart
     from oprm_rag.generation import Generation, GenerationConfig
-    from oprm_rag.lm import PromptStart
     from oprm_rag.lm import RecurrentLM
 
 __all__ = ["RecurrentLLM"]
@@ -54,7 +54,7 @@ class RecurrentLLM(RecurrentModelBase, BaseLLM):
     def _generate(self, prompts: list[str], stop: Optional[list[str]] = None,
                   run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> LLMResult:
         lm, config = self._setup(stop, kwargs)
-        started = [start(lm, p, add_special_tokens=True) for p in prompts]
+        started = [lm.context.start_prompt(p, add_special_tokens=True) for p in prompts]
         gens = _decode_all(lm, started, config)
         generations = []
         total = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
@@ -104,11 +104,8 @@ def _chunk(item: Any) -> GenerationChunk:
 def _decode_all(lm: "RecurrentLM", started: list["PromptStart"], config: "GenerationConfig") -> list["Generation"]:
     """One decoding batch for all prompts when states of any length stack (recurrent
     models); the token-replay fallback's states grow with the text, so it goes one by one."""
-    if len(started) == 1 or not lm.backend.exact_continuation:
-        return [lm.generate_from(s.state, s.logits, config, prompt_tokens=len(s.ids)) for s in started]
-    import torch
-    from oprm_rag.state import RecurrentState
-
-    state = RecurrentState.cat([s.state for s in started])
-    logits = torch.cat([s.logits for s in started], dim=0)
-    return lm.generate_batch_from(state, logits, config, prompt_tokens=[len(s.ids) for s in started])
+    ctx = lm.context
+    if len(started) == 1 or not ctx.stores_states:
+        return [ctx.generate_batch(s.state, [s.logits[0]], config, [len(s.ids)])[0] for s in started]
+    return ctx.generate_batch(ctx.cat_states([s.state for s in started]), [s.logits[0] for s in started], config,
+                              [len(s.ids) for s in started])

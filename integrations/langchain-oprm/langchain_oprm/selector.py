@@ -20,7 +20,7 @@ from langchain_core.runnables.config import ensure_config, get_config_list, run_
 from typing_extensions import TypedDict
 
 from ._documents import DocumentsInput, Request, parse_request, query_of, selected_documents
-from ._options import SelectorOptions
+from ._options import SelectorFields
 
 if TYPE_CHECKING:
     from oprm_rag.selector import SelectionResult
@@ -35,19 +35,20 @@ class OPRMSelectorInput(TypedDict):
     documents: DocumentsInput
 
 
-class OPRMSelector(SelectorOptions, RunnableSerializable[OPRMSelectorInput, list[Document]]):
+class OPRMSelector(SelectorFields, RunnableSerializable[OPRMSelectorInput, list[Document]]):
     """Select the chunks of ``documents`` that the recurrent model can answer ``question`` from.
 
     Each output ``Document`` holds one chunk's text and its source document's metadata,
-    plus ``oprm_entropy`` (first-answer-token entropy, nats), ``relevance_score``
-    (exp(-entropy): higher is better), ``oprm_rank`` (0 = best), ``oprm_chunk_index``,
-    ``char_start``/``char_end`` (the chunk's span in the source text) and
-    ``source_index`` (the source's position in the input list). An empty list means
-    every chunk answered the IDK word (set ``fallback="min_entropy"`` to always get one).
+    plus ``relevance_score`` (what the selection ranked by, higher is better: the
+    negative entropy) and the core's ``oprm_*`` keys (``oprm_entropy``, ``oprm_rank``
+    (0 = best), ``oprm_chunk_index``, ``oprm_char_start``/``oprm_char_end`` (the chunk's
+    span in the source text), ``oprm_doc_index`` (the source's position in the input
+    list), ...). An empty list means no chunk could answer (set
+    ``fallback="min_entropy"`` to always get one).
 
-    The state after ``[instruction, chunk, question]`` of each selected chunk is left
-    in the model's handoff registry: a ``ChatRecurrent`` or ``RecurrentLLM`` on the same
-    model that receives exactly ``engine().prompt_text(question, chunk)`` resumes from it
+    The state after ``[instruction, chunk, question]`` of each selected chunk is handed
+    off on the model: a ``ChatRecurrent`` or ``RecurrentLLM`` on the same model that
+    receives exactly ``core_selector().prompt_text(question, chunk)`` resumes from it
     (see ``create_oprm_qa_chain``).
 
     Example:
@@ -164,20 +165,20 @@ class OPRMSelector(SelectorOptions, RunnableSerializable[OPRMSelectorInput, list
         If the shared call fails (say one question is longer than a chunk), each request
         is retried alone so that only the inputs at fault report an error.
         """
-        engine = self.engine()
+        engine = self.core_selector()
         todo = [i for i, o in enumerate(outcomes) if isinstance(o, Request)]
         if not todo:
             return outcomes
         out = list(outcomes)
         items = [(outcomes[i].question, outcomes[i].texts) for i in todo]
         try:
-            results: list[SelectionResult] = engine.select_many(items)
+            results: list[SelectionResult] = engine.select_many(items, handoff=True)
         except Exception:
             if len(todo) == 1:
                 raise
             for i, item in zip(todo, items):
                 try:
-                    out[i] = selected_documents(outcomes[i], engine.select_many([item])[0])
+                    out[i] = selected_documents(outcomes[i], engine.select_many([item], handoff=True)[0])
                 except Exception as exc:  # reported on this input's run only
                     out[i] = exc
             return out

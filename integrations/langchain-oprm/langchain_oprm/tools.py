@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Union
 
 from langchain_core.callbacks import Callbacks
+from oprm_rag.errors import InputError
 from langchain_core.documents import Document
 from langchain_core.tools import StructuredTool, ToolException
 from pydantic import BaseModel, Field, create_model
 
-from ._documents import parse_documents
+from ._documents import context_of, parse_documents
 from ._model import ModelLike
 from .selector import OPRMSelector
 
@@ -68,23 +69,22 @@ def oprm_tool(model_or_selector: Union[OPRMSelector, ModelLike], documents: Tool
 
     def respond(document_id: str, selected: list[Document]) -> tuple[str, list[Document]]:
         if not selected:
-            idk = selector.engine().prompt.idk_word
+            idk = selector.core_selector().prompt.idk_word
             return (f"No passage of document {document_id!r} answers this question "
                     f"(the model answered {idk!r} for every chunk)."), []
-        in_order = sorted(selected, key=lambda d: (d.metadata["source_index"], d.metadata["char_start"]))
-        return "\n\n".join(d.page_content for d in in_order), selected
+        return context_of(selected), selected
 
     def run(question: str, document_id: str, callbacks: Callbacks = None) -> tuple[str, list[Document]]:
         try:
             docs = selector.invoke(request(question, document_id), config={"callbacks": callbacks})
-        except (ValueError, TypeError) as exc:  # e.g. a question longer than a chunk: the agent can fix it
+        except InputError as exc:  # the agent's mistake (e.g. a question longer than a chunk): it can fix it
             raise ToolException(str(exc)) from exc
         return respond(document_id, docs)
 
     async def arun(question: str, document_id: str, callbacks: Callbacks = None) -> tuple[str, list[Document]]:
         try:
             docs = await selector.ainvoke(request(question, document_id), config={"callbacks": callbacks})
-        except (ValueError, TypeError) as exc:
+        except InputError as exc:
             raise ToolException(str(exc)) from exc
         return respond(document_id, docs)
 

@@ -19,7 +19,7 @@ N = 8
 
 
 def engine_pieces(lm: Any, prompt: Any, add_special_tokens: bool, **cfg: Any) -> tuple[List[str], Any]:
-    stream = lm.complete(prompt, GenerationConfig.make(**{"max_new_tokens": N, **cfg}),
+    stream = lm.context.complete(prompt, GenerationConfig.make(**{"max_new_tokens": N, **cfg}),
                          add_special_tokens=add_special_tokens)
     return list(stream), stream.result
 
@@ -89,7 +89,7 @@ def test_token_counting_handler_reads_the_usage(lm):
 
 def test_multi_token_stop_string(varied_lm):
     llm = RecurrentLLM(model=varied_lm, max_new_tokens=16)
-    free = varied_lm.complete(PROMPT, GenerationConfig(max_new_tokens=16, stop_at_eos=False))
+    free = varied_lm.context.complete(PROMPT, GenerationConfig(max_new_tokens=16, stop_at_eos=False))
     text = free.text()
     ids = free.result.token_ids
     # a stop string made of two consecutive generated tokens, printable, not at the start
@@ -116,7 +116,7 @@ def test_chat_goes_through_the_chat_template(lm):
                 ChatMessage(role=MessageRole.USER, content=PROMPT)]
     resp = llm.chat(messages)
     turns = [{"role": m.role.value, "content": m.content} for m in messages]
-    by_ids = lm.complete(lm.chat_ids(turns), GenerationConfig(max_new_tokens=N)).text()
+    by_ids = lm.context.complete(lm.chat_ids(turns), GenerationConfig(max_new_tokens=N)).text()
     assert resp.message.role == MessageRole.ASSISTANT
     assert resp.message.content == by_ids
     assert resp.raw["usage"]["prompt_tokens"] == len(lm.chat_ids(turns))
@@ -132,18 +132,18 @@ def test_unknown_options_are_rejected(lm):
 def test_handoff_resumes_from_the_scored_state(any_lm, docs, question):
     lm = any_lm
     sel = OPRMSelector(lm, chunk_tokens=24, idk_filter=False)
-    result = sel.select(question, docs)
+    result = sel.select(question, docs, handoff=True)
     prompt = sel.prompt_text(question, result.best.text)
     llm = RecurrentLLM(model=lm, max_new_tokens=N)
-    hits, prefilled = lm.handoff.hits, lm.counters["prefill_tokens"]
+    hits, prefilled = lm.context.handoff.hits, lm.counters["prefill_tokens"]
     cached = llm.complete(prompt)
-    assert cached.raw["handoff_hit"] and lm.handoff.hits == hits + 1
+    assert cached.raw["handoff_hit"] and lm.context.handoff.hits == hits + 1
     assert lm.counters["prefill_tokens"] == prefilled  # the chunk was not read again
     assert cached.text == sel.answer_from(result, max_new_tokens=N).text
     # the same prompt without the stored state: a full prefill, the same answer
-    lm.handoff.clear()
+    lm.context.handoff.clear()
     fresh = llm.complete(prompt)
-    assert not fresh.raw["handoff_hit"] and lm.handoff.hits == hits + 1
+    assert not fresh.raw["handoff_hit"] and lm.context.handoff.hits == hits + 1
     assert lm.counters["prefill_tokens"] > prefilled
     assert fresh.text == cached.text
     assert fresh.raw["usage"]["prompt_tokens"] == cached.raw["usage"]["prompt_tokens"]
@@ -153,10 +153,10 @@ def test_qa_prompt_renders_the_scored_text_and_hits(any_lm, docs, question):
     """The OPRM QA template, through the LLM's own path (chat or completion), hits the handoff."""
     lm = any_lm
     sel = OPRMSelector(lm, chunk_tokens=24, idk_filter=False)
-    result = sel.select(question, docs)
+    result = sel.select(question, docs, handoff=True)
     llm = RecurrentLLM(model=lm, max_new_tokens=N)
-    qa = oprm_qa_prompt(lm)
-    hits = lm.handoff.hits
+    qa = oprm_qa_prompt(sel.prompt)
+    hits = lm.context.handoff.hits
     if llm.metadata.is_chat_model:
         messages = qa.format_messages(context_str=result.best.text, query_str=question)
         rendered = lm.tokenizer.apply_chat_template([{"role": m.role.value, "content": m.content} for m in messages],
@@ -168,7 +168,7 @@ def test_qa_prompt_renders_the_scored_text_and_hits(any_lm, docs, question):
         resp = llm.complete(rendered, formatted=True)
         text = resp.text
     assert rendered == sel.prompt_text(question, result.best.text)
-    assert resp.raw["handoff_hit"] and lm.handoff.hits == hits + 1
+    assert resp.raw["handoff_hit"] and lm.context.handoff.hits == hits + 1
     assert text == sel.answer_from(result, max_new_tokens=N).text
 
 
@@ -191,7 +191,7 @@ async def test_async_methods_leave_the_event_loop_free(lm, monkeypatch, method):
     happen if the call runs in another thread while the loop keeps going."""
     gate = threading.Event()
     threads: List[int] = []
-    complete = lm.complete
+    complete = lm.context.complete
 
     def gated(*args: Any, **kwargs: Any) -> Any:
         threads.append(threading.get_ident())
@@ -199,7 +199,7 @@ async def test_async_methods_leave_the_event_loop_free(lm, monkeypatch, method):
             raise AssertionError("the event loop was blocked while the model ran")
         return complete(*args, **kwargs)
 
-    monkeypatch.setattr(lm, "complete", gated)
+    monkeypatch.setattr(lm.context, "complete", gated)
     llm = RecurrentLLM(model=lm, max_new_tokens=N)
     arg: Any = [ChatMessage(role=MessageRole.USER, content=PROMPT)] if "chat" in method else PROMPT
 

@@ -49,7 +49,7 @@ def test_scores_are_the_engines_and_higher_is_better(lm, docs, question):
     for n in out:
         meta = n.node.metadata
         assert n.score == pytest.approx(-meta["oprm_entropy"])
-        assert meta["oprm_relevance"] == pytest.approx(math.exp(-meta["oprm_entropy"]))
+        assert meta["oprm_relevance"] == pytest.approx(-meta["oprm_entropy"]) == n.score
     assert [n.node.metadata["oprm_rank"] for n in out] == list(range(len(out)))
 
 
@@ -156,10 +156,10 @@ def test_events_and_callbacks(lm, docs, question, events):
 
 
 def test_show_progress(lm, docs, question, capsys):
-    OPRMNodePostprocessor(model=lm, chunk_tokens=CHUNK, show_progress=True, use_cache=False).postprocess_nodes(
+    OPRMNodePostprocessor(model=lm, chunk_tokens=CHUNK, show_progress=True, cache=False).postprocess_nodes(
         as_nodes(docs), query_str=question)
     assert "OPRM scoring" in capsys.readouterr().err
-    OPRMNodePostprocessor(model=lm, chunk_tokens=CHUNK, use_cache=False).postprocess_nodes(
+    OPRMNodePostprocessor(model=lm, chunk_tokens=CHUNK, cache=False).postprocess_nodes(
         as_nodes(docs), query_str=question)
     assert "OPRM scoring" not in capsys.readouterr().err
 
@@ -173,7 +173,7 @@ async def test_async_path_scores_in_a_worker_thread(lm, docs, question, monkeypa
         threads.append(threading.get_ident())
         return forward(*args, **kwargs)
 
-    pp = OPRMNodePostprocessor(model=lm, top_n=2, chunk_tokens=CHUNK, use_cache=False, idk_filter=False)
+    pp = OPRMNodePostprocessor(model=lm, top_n=2, chunk_tokens=CHUNK, cache=False, idk_filter=False)
     sync = pp.postprocess_nodes(as_nodes(docs), query_str=question)
     monkeypatch.setattr(lm, "forward", recording_forward)
     out = await pp.apostprocess_nodes(as_nodes(docs), query_str=question)

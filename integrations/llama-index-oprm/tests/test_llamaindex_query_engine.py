@@ -27,7 +27,7 @@ def engine(lm: Any, texts: List[str], **kwargs: Any) -> OPRMQueryEngine:
 
 
 def test_answer_is_decoded_from_the_winning_state(lm, docs, question):
-    qe = engine(lm, docs, use_cache=False)
+    qe = engine(lm, docs, cache=False)
     prefilled = lm.counters["prefill_tokens"]
     resp = qe.query(question)
     ran = lm.counters["prefill_tokens"] - prefilled
@@ -85,10 +85,11 @@ def test_summary_mode_uses_every_chunk(lm, docs, question):
     assert len(streamed.source_nodes) == len(ref.chunks)
 
 
-def test_all_idk_answers_the_idk_word(lm, docs, question):
+def test_no_eligible_chunk_answers_the_idk_word_and_says_why(lm, docs, question):
     resp = engine(lm, docs, entropy_threshold=-1.0).query(question)  # no chunk can pass
     assert resp.response == lm.prompt.idk_word
-    assert resp.source_nodes == [] and resp.metadata["oprm_all_idk"]
+    assert resp.source_nodes == [] and not resp.metadata["oprm_all_idk"]
+    assert "entropy threshold" in resp.metadata["oprm_no_answer_reason"]
 
 
 @pytest.mark.asyncio

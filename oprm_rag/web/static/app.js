@@ -217,12 +217,14 @@ function onEvent(event) {
     drawChart(event.chunks);
     renderDocument(event.winner);
     const idk = event.chunks.filter((c) => c.is_idk).length;
-    const scored = `Scored ${event.chunks.length} chunks of up to ${event.chunk_tokens ?? "all"} tokens ` +
+    const size = event.usage.chunk_tokens;
+    const scored = `Scored ${event.chunks.length} chunks of up to ${size ?? "all"} tokens ` +
       `in ${event.scoring_seconds.toFixed(2)} s (${idk} answered ${JSON.stringify(event.idk_word)}).`;
+    $("answer-info").title = event.usage.chunk_tokens_reason || "";
     $("answer-info").textContent = event.winner
       ? `${scored} Answering from chunk ${event.winner.index} (chars ${event.winner.char_start}–` +
         `${event.winner.char_end}).`
-      : `${scored} Every chunk answered ${JSON.stringify(event.idk_word)}: the document does not seem to ` +
+      : `${scored} No chunk can answer (${event.no_answer_reason}): the document does not seem to ` +
         "hold the answer.";
     answer.dataset.state = "streaming";
   } else if (event.type === "piece") {

@@ -35,9 +35,9 @@ def test_compress_keeps_the_selected_chunks(primary_path: str) -> None:
     expected = OPRMSelector(model=primary_path, **SETTINGS).invoke({"question": QUESTION, "documents": RETRIEVED})
     assert same_documents(out, expected) and len(out) == 2
     for doc in out:
-        source = RETRIEVED[doc.metadata["source_index"]]
+        source = RETRIEVED[doc.metadata["oprm_doc_index"]]
         assert doc.metadata["source"] == source.metadata["source"]
-        assert doc.page_content == source.page_content[doc.metadata["char_start"]:doc.metadata["char_end"]]
+        assert doc.page_content == source.page_content[doc.metadata["oprm_char_start"]:doc.metadata["oprm_char_end"]]
     assert handler.queries == [QUESTION] and same_documents(handler.outputs[0], out)
 
 
@@ -59,5 +59,5 @@ def test_as_selector_carries_every_setting(primary_path: str) -> None:
     compressor = OPRMCompressor(model=primary_path, chunk_tokens=32, chunk_overlap=4, boundary="sentence",
                                 top_k=3, criterion="question_likelihood", idk_word="Unknown", cache=False)
     selector = compressor.as_selector()
-    assert selector.engine_options() == compressor.engine_options()
+    assert selector.core_options() == compressor.core_options()
     assert selector.model == compressor.model

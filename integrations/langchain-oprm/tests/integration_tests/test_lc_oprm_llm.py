@@ -19,13 +19,13 @@ def test_batch_is_one_decoding_batch_equal_to_one_by_one(primary_path: str, lm_f
     alone = [llm.invoke(p) for p in PROMPTS]
     lm = lm_for(primary_path)
     batches: list[int] = []
-    real = lm.generate_batch_from
+    real = lm.context.generate_batch
 
     def spy(state: Any, *args: Any, **kwargs: Any) -> Any:
         batches.append(state.batch_size)
         return real(state, *args, **kwargs)
 
-    monkeypatch.setattr(lm, "generate_batch_from", spy)
+    monkeypatch.setattr(lm.context, "generate_batch", spy)
     assert llm.batch(PROMPTS) == alone
     assert batches == [len(PROMPTS)]
 

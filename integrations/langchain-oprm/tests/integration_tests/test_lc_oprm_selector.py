@@ -9,6 +9,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from oprm_rag.selector import OPRMSelector as CoreSelector
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.documents import Document
 from langchain_core.runnables import ConfigurableField
@@ -50,14 +51,14 @@ def test_selected_documents_are_chunks_of_their_sources(primary_path: str, lm_fo
     fresh = EngineSelector(lm_for(primary_path), cache=False, top_k=3, **SETTINGS).select(QUESTION, [DOC, OTHER_DOC])
     for doc, score in zip(docs, fresh.selected):
         meta = doc.metadata
-        assert meta["source_index"] == score.doc_index + 1  # the blank first source is skipped
-        text = sources[meta["source_index"]]
+        assert meta["oprm_doc_index"] == score.doc_index + 1  # the blank first source is skipped
+        text = sources[meta["oprm_doc_index"]]
         text = text.page_content if isinstance(text, Document) else text
-        assert doc.page_content == text[meta["char_start"]:meta["char_end"]] == score.text
+        assert doc.page_content == text[meta["oprm_char_start"]:meta["oprm_char_end"]] == score.text
         assert meta["oprm_chunk_index"] == score.index
         assert meta["oprm_entropy"] == pytest.approx(score.entropy, abs=1e-4)
-        assert meta["relevance_score"] == pytest.approx(math.exp(-meta["oprm_entropy"]))
-        if meta["source_index"] == 1:
+        assert meta["relevance_score"] == meta["oprm_relevance"] == pytest.approx(-meta["oprm_entropy"])
+        if meta["oprm_doc_index"] == 1:
             assert meta["src"] == "manual" and meta["page"] == 3
     assert [d.metadata["relevance_score"] for d in docs] == sorted((d.metadata["relevance_score"] for d in docs),
                                                                      reverse=True)
@@ -103,15 +104,14 @@ def test_batch_shares_one_engine_call(primary_path: str, monkeypatch: pytest.Mon
               {"question": "What is the code of beta?", "documents": DOC},
               {"question": "What is the code of gamma?", "documents": OTHER_DOC}]
     one_by_one = [sel.invoke(x) for x in inputs]
-    engine = sel.engine()
     calls: list[int] = []
-    real = engine.select_many
+    real = CoreSelector.select_many
 
-    def spy(items: Any, **kwargs: Any) -> Any:
+    def spy(self: Any, items: Any, **kwargs: Any) -> Any:
         calls.append(len(items))
-        return real(items, **kwargs)
+        return real(self, items, **kwargs)
 
-    monkeypatch.setattr(engine, "select_many", spy)
+    monkeypatch.setattr(CoreSelector, "select_many", spy)
     recorder = Recorder()
     batched = sel.batch(inputs, config={"callbacks": [recorder]})
     assert calls == [3]
@@ -125,16 +125,15 @@ async def test_abatch_shares_one_engine_call_off_the_event_loop(primary_path: st
     sel = OPRMSelector(model=primary_path, **SETTINGS)
     inputs = [{"question": QUESTION, "documents": DOC}, {"question": "What is the code of beta?", "documents": DOC}]
     expected = sel.batch(inputs)
-    engine = sel.engine()
     calls: list[int] = []
-    real = engine.select_many
+    real = CoreSelector.select_many
 
-    def slow(items: Any, **kwargs: Any) -> Any:
+    def slow(self: Any, items: Any, **kwargs: Any) -> Any:
         calls.append(len(items))
         time.sleep(0.3)  # blocking work: it must happen off the event loop
-        return real(items, **kwargs)
+        return real(self, items, **kwargs)
 
-    monkeypatch.setattr(engine, "select_many", slow)
+    monkeypatch.setattr(CoreSelector, "select_many", slow)
     async with LoopTicks() as loop:
         batched = await sel.abatch(inputs)
         single = await sel.ainvoke(inputs[0])
@@ -184,22 +183,22 @@ def test_settings_are_configurable_per_call(primary_path: str) -> None:
     assert len(whole) == 1 and whole[0].page_content == DOC
 
 
-def test_engine_selectors_are_shared_per_configuration(primary_path: str, lm_for) -> None:
+def test_core_selectors_share_the_model_and_its_cache(primary_path: str, lm_for) -> None:
     a = OPRMSelector(model=primary_path, top_k=2)
-    b = OPRMSelector(model=primary_path, top_k=2)
     c = OPRMSelector(model=primary_path, top_k=3)
-    assert a.engine() is b.engine() and a.engine() is not c.engine()
+    assert a.core_selector().options.top_k == 2 and c.core_selector().options.top_k == 3
     lm = lm_for(primary_path)
-    assert a.engine().lm is lm and a.engine().cache is lm.document_cache()
-    assert OPRMSelector(model=primary_path, cache=False).engine().cache is None
-    # A loaded model works as well as its path, and is the same shared object.
-    assert OPRMSelector(model=lm, top_k=2).engine() is a.engine()
+    assert a.core_selector().lm is lm and a.core_selector().cache is lm.context.document_cache()
+    assert OPRMSelector(model=primary_path, cache=False).core_selector().cache is None
+    # A loaded model works as well as its path: the same shared object and options.
+    assert OPRMSelector(model=lm, top_k=2).core_selector().lm is a.core_selector().lm
+    assert OPRMSelector(model=lm, top_k=2).core_options() == a.core_options()
 
 
 def test_follow_up_questions_reuse_cached_chunk_states(primary_path: str, lm_for) -> None:
     text = DOC + " A new paragraph only this test uses."
     sel = OPRMSelector(model=primary_path, **SETTINGS)
-    cache = lm_for(primary_path).document_cache()
+    cache = lm_for(primary_path).context.document_cache()
     before = cache.stats()["hits"]
     sel.invoke({"question": QUESTION, "documents": text})
     sel.invoke({"question": "What is the code of beta?", "documents": text})
@@ -210,4 +209,4 @@ def test_auto_chunk_size_comes_from_the_engine(primary_path: str, lm_for) -> Non
     from oprm_rag.capacity import auto_chunk_tokens
 
     sel = OPRMSelector(model=primary_path, chunk_tokens="auto")
-    assert sel.engine().chunk_tokens == auto_chunk_tokens(lm_for(primary_path)).chunk_tokens
+    assert sel.core_selector().chunk_tokens == auto_chunk_tokens(lm_for(primary_path)).chunk_tokens

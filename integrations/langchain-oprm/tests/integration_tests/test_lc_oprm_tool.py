@@ -32,15 +32,16 @@ def test_content_is_the_selected_text_and_the_artifact_its_documents(primary_pat
     assert len(docs) == 2 and msg.status == "success"
     assert all(d.metadata["document_id"] == "manual" and d.metadata["source"] == "manual.txt" for d in docs)
     assert [d.page_content for d in docs] == [d.page_content for d in expected]
-    in_order = sorted(docs, key=lambda d: d.metadata["char_start"])
-    assert msg.content == "\n\n".join(d.page_content for d in in_order)
+    first, second = sorted(docs, key=lambda d: d.metadata["oprm_char_start"])
+    adjacent = first.metadata["oprm_char_end"] == second.metadata["oprm_char_start"]
+    assert msg.content == first.page_content + ("" if adjacent else "\n\n") + second.page_content
 
 
 def test_several_documents_under_one_id(primary_path: str) -> None:
     tool = oprm_tool(primary_path, DOCUMENTS, **SETTINGS)
     msg = _call(tool, {"question": "What is the code of gamma?", "document_id": "notes"})
     [doc] = msg.artifact
-    assert doc.metadata["document_id"] == "notes" and doc.metadata["source_index"] in (0, 1)
+    assert doc.metadata["document_id"] == "notes" and doc.metadata["oprm_doc_index"] in (0, 1)
     assert msg.content == doc.page_content
 
 

@@ -55,7 +55,7 @@ def test_selector_rejects_bad_settings(bad: dict) -> None:
 
 @pytest.mark.parametrize("cls", [ChatRecurrent, RecurrentLLM, OPRMSelector])
 def test_model_must_be_a_path_or_a_recurrent_lm(cls: type) -> None:
-    with pytest.raises(ValidationError, match="RecurrentLM or a path"):
+    with pytest.raises(ValidationError, match="RecurrentLM, an oprm_rag Engine or a path"):
         cls(model=123)
     with pytest.raises(ValidationError):
         cls(model="  ")

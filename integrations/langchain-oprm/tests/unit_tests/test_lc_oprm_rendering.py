@@ -57,13 +57,13 @@ def test_qa_prompt_reproduces_the_scored_text(mode_path: str, top_k: int) -> Non
     selector = OPRMSelector(model=mode_path, chunk_tokens=24, top_k=top_k, idk_filter=False)
     docs = selector.invoke({"question": QUESTION, "documents": [DOC]})
     assert len(docs) == top_k
-    engine = selector.engine()
+    engine = selector.core_selector()
     text, _ = ChatRecurrent(model=mode_path).render(oprm_prompt_messages(selector, QUESTION, docs))
     if top_k == 1:
         assert text == engine.prompt_text(QUESTION, docs[0].page_content)
     else:
-        ordered = sorted(docs, key=lambda d: d.metadata["char_start"])
-        adjacent = ordered[0].metadata["char_end"] == ordered[1].metadata["char_start"]
+        ordered = sorted(docs, key=lambda d: d.metadata["oprm_char_start"])
+        adjacent = ordered[0].metadata["oprm_char_end"] == ordered[1].metadata["oprm_char_start"]
         joined = ordered[0].page_content + ("" if adjacent else "\n\n") + ordered[1].page_content
         assert text == engine.prompt_text(QUESTION, joined)
 

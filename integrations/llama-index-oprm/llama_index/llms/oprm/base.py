@@ -31,16 +31,12 @@ from llama_index.core.llms.custom import CustomLLM
 from .utils import LazyModel, aiter_in_thread
 
 if TYPE_CHECKING:  # pragma: no cover
-    from oprm_rag.lm import RecurrentLM, TokenStream
+    from oprm_rag.decoding import TokenStream
+    from oprm_rag.lm import RecurrentLM
 
 __all__ = ["RecurrentLLM"]
 
 logger = logging.getLogger(__name__)
-
-#: Keyword arguments a call may override, mapped to ``GenerationConfig`` fields.
-_GENERATION_KEYS = {"max_new_tokens": "max_new_tokens", "max_tokens": "max_new_tokens",
-                    "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed",
-                    "stop": "stop", "stop_at_eos": "stop_at_eos"}
 
 
 class RecurrentLLM(LazyModel, CustomLLM):
@@ -53,8 +49,8 @@ class RecurrentLLM(LazyModel, CustomLLM):
     ``chat`` renders messages with the tokenizer's chat template. ``metadata.is_chat_model``
     follows the model's OPRM prompt (``lm.prompt.use_chat_template``) unless set: the
     shipped demo model was trained on raw-text prompts, so LlamaIndex sends it text.
-    ``metadata.context_window`` is the model's hard limit (``hard_context_window``), not
-    its training length; pass ``context_window=`` to report something else.
+    ``metadata.context_window`` is the model's hard limit (``RecurrentLM.context_window``),
+    not its training length; pass ``context_window=`` to report something else.
     """
 
     max_new_tokens: int = Field(default=64, ge=0, description="Tokens to generate at most per call.")
@@ -70,7 +66,7 @@ class RecurrentLLM(LazyModel, CustomLLM):
                                   "unless the model's prompts come from its chat template (which has its own).")
     context_window: Optional[int] = Field(
         default=None, ge=1, description="What to report to LlamaIndex; None = the model's hard limit "
-                                        "(see ``hard_context_window``).")
+                                        "(``RecurrentLM.context_window``).")
     model_kwargs: Dict[str, Any] = Field(
         default_factory=dict, description="Options for loading a path (device, dtype, kernels, ...).")
 
@@ -83,7 +79,7 @@ class RecurrentLLM(LazyModel, CustomLLM):
     def metadata(self) -> LLMMetadata:
         lm = self.lm
         return LLMMetadata(
-            context_window=int(self.context_window or hard_context_window(lm)),
+            context_window=int(self.context_window or lm.context_window),
             num_output=int(self.max_new_tokens),
             is_chat_model=self._is_chat_model(lm),
             is_function_calling_model=False,
@@ -99,37 +95,32 @@ class RecurrentLLM(LazyModel, CustomLLM):
         return not lm.prompt.use_chat_template
 
     def _config(self, overrides: Dict[str, Any]) -> Any:
+        """Fields overridden by one call's arguments; call ``stop`` strings add to the field's."""
         from oprm_rag.generation import GenerationConfig
 
-        values: Dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
-                                  "top_k": self.top_k, "top_p": self.top_p, "seed": self.seed}
-        stop = list(self.stop)
-        for key, value in overrides.items():
-            if key not in _GENERATION_KEYS:
-                raise TypeError(f"RecurrentLLM got an unexpected keyword argument {key!r}; "
-                                f"it accepts {sorted(_GENERATION_KEYS)}")
-            if key == "stop":
-                stop += [value] if isinstance(value, str) else list(value or ())
-            elif value is not None:
-                values[_GENERATION_KEYS[key]] = value
-        return GenerationConfig.make(stop=stop, **values)
+        overrides = dict(overrides)
+        extra = overrides.pop("stop", None)
+        stop = list(self.stop) + ([extra] if isinstance(extra, str) else list(extra or ()))
+        defaults = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_k": self.top_k,
+                    "top_p": self.top_p, "seed": self.seed}
+        return GenerationConfig.from_call(defaults, overrides, stop)
 
     # ------------------------------------------------------------------ running (blocking)
     def _start_completion(self, prompt: str, formatted: bool, overrides: Dict[str, Any]) -> "TokenStream":
         lm = self.lm
         if not formatted and self.completion_to_prompt is not None:
             prompt = self.completion_to_prompt(prompt)
-        return lm.complete(prompt, self._config(overrides), add_special_tokens=self._special_tokens(lm))
+        return lm.context.complete(prompt, self._config(overrides), add_special_tokens=self._special_tokens(lm))
 
     def _start_chat(self, messages: Sequence[ChatMessage], overrides: Dict[str, Any]) -> "TokenStream":
         lm = self.lm
         turns = [{"role": _role(m), "content": m.content or ""} for m in messages]
-        if getattr(lm.tokenizer, "chat_template", None):
-            # Render to text, not ids: a rendered turn that begins with a just-scored
-            # [P, C, Q] text finds its state through the handoff's text match.
-            text = lm.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-            return lm.complete(text, self._config(overrides), add_special_tokens=False)
-        return lm.complete(lm.chat_ids(turns), self._config(overrides))
+        # Render to text, not ids: a rendered turn that begins with a just-scored
+        # [P, C, Q] text finds its state through the handoff's text match.
+        text = lm.context.apply_chat_template(turns)
+        if text is not None:
+            return lm.context.complete(text, self._config(overrides), add_special_tokens=False)
+        return lm.context.complete(lm.chat_ids(turns), self._config(overrides))
 
     @staticmethod
     def _raw(stream: "TokenStream") -> Dict[str, Any]:
@@ -209,28 +200,6 @@ class RecurrentLLM(LazyModel, CustomLLM):
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         return aiter_in_thread(lambda: self._chat_chunks(messages, kwargs))
-
-
-def hard_context_window(lm: "RecurrentLM") -> int:
-    """The most tokens one call can take: the budget LlamaIndex's prompt packing needs.
-
-    A model on the token-replay fallback (a transformer) has absolute positions, so its
-    ``max_position_embeddings`` is a hard limit. A recurrent model has none (its state is
-    fixed-size; it reads any length), so it reports the engine's large bound. Its
-    training length (``lm.context_window`` when known) is a quality limit, which OPRM
-    enforces by chunking (the postprocessor's default chunk is half of it); used as a
-    LlamaIndex budget it would break the standard synthesizers, which reserve 500 tokens
-    for a previous answer on top of prompt and output (the shipped demo model was
-    trained on 512 tokens).
-    """
-    if lm.backend.exact_continuation:
-        return _UNBOUNDED
-    limit = getattr(lm.model.config, "max_position_embeddings", None)
-    return int(limit) if isinstance(limit, int) and limit > 0 else int(lm.context_window)
-
-
-#: The engine's own bound for a model without a known limit (``RecurrentLM.context_window``).
-_UNBOUNDED = 1 << 20
 
 
 def _role(message: ChatMessage) -> str:

@@ -3,10 +3,10 @@
 For every incoming node (split into chunks of ``chunk_tokens`` when longer) the model
 reads ``[instruction, chunk, question]``; the entropy of its first answer token is the
 chunk's score (lower = surer), and chunks whose first answer token starts the IDK word
-are dropped. The best ``top_n`` chunks come back as nodes with ``score = -entropy``
-(higher is better, as LlamaIndex expects). Their states stay registered on the shared
-model, so ``RecurrentLLM`` answering from a prompt that begins with the same text resumes
-from them.
+are dropped. The best ``top_n`` chunks come back as nodes whose ``score`` is
+(the core's ``relevance_score``: higher is better, as LlamaIndex expects). Their states
+are handed off on the shared model, so ``RecurrentLLM`` answering from a prompt that
+begins with the same text resumes from them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import asyncio
 import logging
 from typing import List, Optional
 
-from llama_index.core.bridge.pydantic import Field
 from llama_index.core.callbacks import CBEventType, EventPayload
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
@@ -23,7 +22,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.prompts import BasePromptTemplate
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
-from .nodes import NodeDocuments, OPRMSelectorOptions, chunk_node
+from .nodes import NodeDocuments, OPRMSelectorOptions
 from .prompts import oprm_qa_prompt
 
 __all__ = ["OPRMNodePostprocessor"]
@@ -44,15 +43,13 @@ class OPRMNodePostprocessor(OPRMSelectorOptions, BaseNodePostprocessor):
     the document). The ``oprm_*`` metadata keys are excluded from LLM and embed content.
     """
 
-    top_n: int = Field(default=1, ge=1, description="Chunks to keep (the best first).")
-
     @classmethod
     def class_name(cls) -> str:
         return "OPRMNodePostprocessor"
 
     def qa_prompt(self) -> BasePromptTemplate:
         """A ``text_qa_template`` that renders the exact OPRM input (see ``oprm_qa_prompt``)."""
-        return oprm_qa_prompt(self.lm, self.idk_word)
+        return oprm_qa_prompt(self.selector().prompt)
 
     # ------------------------------------------------------------------ scoring
     def _rerank(self, nodes: List[NodeWithScore], query_str: str) -> List[NodeWithScore]:
@@ -61,8 +58,8 @@ class OPRMNodePostprocessor(OPRMSelectorOptions, BaseNodePostprocessor):
         if not docs:
             logger.debug("OPRM: no node has text to score")
             return []
-        result = self.selector(top_k=self.top_n).select(query_str, docs.texts)
-        return [chunk_node(docs.owners[s.doc_index], s, self.criterion) for s in result.selected[: self.top_n]]
+        result = self.selector().select(query_str, docs.texts, handoff=True)
+        return [docs.node(s) for s in result.selected]
 
     def _start(self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle]) -> QueryBundle:
         dispatcher.event(ReRankStartEvent(query=query_bundle, nodes=nodes, top_n=self.top_n, model_name=self.model))

@@ -3,104 +3,78 @@
 OPRM scores chunks of plain text; LlamaIndex passes nodes. This module turns nodes into
 the selector's documents (one per distinct text) and scored chunks back into nodes that
 keep their source node's id, metadata and character span, so citations still point at
-the right place. The scores it writes into metadata are excluded from the LLM and embed
-views of the node: they describe the selection and must never reach a prompt.
+the right place. The options are the core's (``oprm_rag.options.option_specs()``: same
+names, defaults and checks), except that LlamaIndex's postprocessor convention
+``top_n`` stands for the core's ``top_k``. Node scores are the core's
+``relevance_score`` (higher is better) and node metadata is the core's
+``ChunkScore.metadata()``; those keys are excluded from the LLM and embed views: they
+describe the selection and must never reach a prompt.
 """
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 
-from llama_index.core.bridge.pydantic import Field
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, create_model, model_validator
 from llama_index.core.schema import BaseNode, MetadataMode, NodeRelationship, NodeWithScore, TextNode
+from oprm_rag.options import SelectorOptions as CoreOptions
+from oprm_rag.options import option_specs
+from oprm_rag.results import METADATA_KEYS
 
 from llama_index.llms.oprm.utils import LazyModel
 
 if TYPE_CHECKING:  # pragma: no cover
-    from oprm_rag.lm import RecurrentLM
-    from oprm_rag.scoring import ChunkScore
+    from oprm_rag.results import ChunkScore
     from oprm_rag.selector import OPRMSelector
 
-__all__ = ["OPRM_METADATA_KEYS", "OPRMSelectorOptions", "NodeDocuments", "chunk_node", "node_score",
-           "default_chunk_tokens"]
+__all__ = ["OPRM_METADATA_KEYS", "OPRMSelectorOptions", "NodeDocuments", "chunk_node"]
 
 #: Metadata keys written on every output node; all are hidden from LLM and embed views.
-OPRM_METADATA_KEYS: Tuple[str, ...] = (
-    "oprm_entropy",
-    "oprm_relevance",
-    "oprm_is_idk",
-    "oprm_top_token",
-    "oprm_rank",
-    "oprm_chunk_index",
-    "oprm_char_start",
-    "oprm_char_end",
-    "oprm_token_start",
-    "oprm_token_end",
-    "oprm_source_node_id",
-    "oprm_question_logprob",
-)
+OPRM_METADATA_KEYS: Tuple[str, ...] = (*METADATA_KEYS, "oprm_source_node_id")
 
-#: Upper bound of the default chunk length (the engine's own default).
-_MAX_DEFAULT_CHUNK = 2000
+#: Core options exposed under their own names (``top_k`` is the component's ``top_n``).
+_OPTION_NAMES: Tuple[str, ...] = tuple(s.name for s in option_specs() if s.name != "top_k")
 
 
-def default_chunk_tokens(lm: "RecurrentLM") -> int:
-    """Half the model's training context, at most 2000 tokens.
+def _option_fields() -> Dict[str, Any]:
+    # ``Any``: the core checks every value (one copy of every check); the description names the type.
+    return {spec.name: (Any, Field(default=spec.default, description=f"{spec.doc} ({spec.annotation})"))
+            for spec in option_specs() if spec.name in _OPTION_NAMES}
 
-    Chunks longer than what a recurrent model was trained on overflow its state (the
-    failure OPRM exists to avoid); half leaves room for the instruction, the question,
-    the answer and LlamaIndex's own prompt text within the trained length.
+
+_Generated: Any = create_model("_GeneratedOPRMOptions", __config__=ConfigDict(arbitrary_types_allowed=True),
+                               **_option_fields())
+
+
+class OPRMSelectorOptions(LazyModel, _Generated):
+    """The core ``SelectorOptions`` as LlamaIndex fields, over the lazy model.
+
+    Unknown keywords are refused (LlamaIndex components ignore them by default): a
+    misspelt option silently ignored would change the selection without a word.
     """
-    trained = lm.training_context_tokens
-    if trained is None:
-        return _MAX_DEFAULT_CHUNK
-    return max(8, min(_MAX_DEFAULT_CHUNK, trained // 2))
 
+    model_config = ConfigDict(extra="forbid")
 
-class OPRMSelectorOptions(LazyModel):
-    """The ``OPRMSelector`` settings a LlamaIndex component exposes, over the lazy model."""
-
-    chunk_tokens: Optional[int] = Field(
-        default=None, ge=8, description="Chunk length in model tokens; None = half the model's training "
-                                        "context, at most 2000.")
-    split_nodes: bool = Field(default=True, description="Split nodes longer than chunk_tokens; False scores "
-                                                        "every node whole.")
-    chunk_overlap: int = Field(default=0, ge=0, description="Tokens repeated from the previous chunk.")
-    boundary: Optional[Literal["paragraph", "sentence"]] = Field(
-        default=None, description="Prefer ending chunks at a paragraph or sentence end.")
-    criterion: Literal["entropy", "question_likelihood"] = Field(
-        default="entropy", description="Rank by first-answer-token entropy or by log p(question | chunk).")
-    idk_filter: bool = Field(default=True, description="Drop chunks whose first answer token starts the IDK word.")
-    idk_word: Optional[str] = Field(default=None, description="The IDK word; None = the model's prompt's.")
-    entropy_threshold: Optional[float] = Field(default=None, description="Also drop chunks above this entropy.")
-    fallback: Optional[Literal["min_entropy"]] = Field(
-        default=None, description="'min_entropy': keep the lowest-entropy chunk when every chunk says IDK.")
-    max_batch_tokens: int = Field(default=16384, ge=1, description="Rows x tokens per model call.")
-    use_cache: bool = Field(default=True, description="Reuse chunk states across questions (the model's "
-                                                      "shared document cache).")
-    show_progress: bool = Field(default=False, description="Show a progress bar over scored chunks.")
+    top_n: int = Field(default=1, description="Chunks to keep, the best first (the core's top_k).")
     model_kwargs: Dict[str, Any] = Field(default_factory=dict,
                                          description="Options for loading a path (device, dtype, ...).")
+    _options: Any = PrivateAttr(default=None)
 
-    def selector(self, top_k: int) -> "OPRMSelector":
-        """A selector with these options over the shared model.
+    @model_validator(mode="after")
+    def _check_options(self) -> "OPRMSelectorOptions":
+        self._options = CoreOptions.build(top_k=self.top_n, **{n: getattr(self, n) for n in _OPTION_NAMES})
+        return self
 
-        Made per call (cheap: no model work); chunk states are shared through the model's
-        document cache, so follow-up questions on the same nodes reuse them.
-        """
+    def core_options(self) -> CoreOptions:
+        return self._options
+
+    def selector(self) -> "OPRMSelector":
+        """The core selector with these options over the shared model (cheap: the model,
+        its document cache and its memos are shared, so follow-up questions on the same
+        nodes reuse their chunk states)."""
         from oprm_rag.selector import OPRMSelector
 
-        lm = self.lm
-        chunk: Optional[int] = None
-        if self.split_nodes:
-            chunk = self.chunk_tokens if self.chunk_tokens is not None else default_chunk_tokens(lm)
-        return OPRMSelector(
-            lm, chunk_tokens=chunk, chunk_overlap=self.chunk_overlap if chunk is not None else 0,
-            boundary=self.boundary, top_k=top_k, entropy_threshold=self.entropy_threshold,
-            criterion=self.criterion, idk_filter=self.idk_filter, idk_word=self.idk_word,
-            fallback=self.fallback, max_batch_tokens=self.max_batch_tokens, cache=self.use_cache,
-            show_progress=self.show_progress)
+        return OPRMSelector(self.lm, self._options)
 
 
 class NodeDocuments:
@@ -113,62 +87,45 @@ class NodeDocuments:
     def __init__(self, nodes: Sequence[BaseNode]) -> None:
         self.texts: List[str] = []
         self.owners: List[BaseNode] = []
+        self.positions: List[int] = []  # each owner's position in the nodes passed in
         seen: Dict[str, int] = {}
-        for node in nodes:
+        for position, node in enumerate(nodes):
             text = node.get_content(metadata_mode=MetadataMode.NONE)
             if not text or not text.strip() or text in seen:
                 continue
             seen[text] = len(self.texts)
             self.texts.append(text)
             self.owners.append(node)
+            self.positions.append(position)
 
     def __len__(self) -> int:
         return len(self.texts)
 
-
-def node_score(score: "ChunkScore", criterion: str) -> float:
-    """Higher is better: ``-entropy``, or ``log p(Q | C)`` for the likelihood criterion."""
-    if criterion == "question_likelihood" and score.question_logprob is not None:
-        return float(score.question_logprob)
-    return -float(score.entropy)
-
-
-def _oprm_metadata(score: "ChunkScore", source: BaseNode) -> Dict[str, Any]:
-    meta: Dict[str, Any] = {
-        "oprm_entropy": float(score.entropy),
-        "oprm_relevance": math.exp(-float(score.entropy)),
-        "oprm_is_idk": bool(score.is_idk),
-        "oprm_top_token": score.top_token,
-        "oprm_rank": score.rank,
-        "oprm_chunk_index": int(score.index),
-        "oprm_char_start": int(score.char_start),
-        "oprm_char_end": int(score.char_end),
-        "oprm_token_start": int(score.token_start),
-        "oprm_token_end": int(score.token_end),
-        "oprm_source_node_id": source.node_id,
-    }
-    if score.question_logprob is not None:
-        meta["oprm_question_logprob"] = float(score.question_logprob)
-    return meta
+    def node(self, score: "ChunkScore") -> NodeWithScore:
+        """The node for a chunk the selector scored over these documents."""
+        return chunk_node(self.owners[score.doc_index], score, self.positions[score.doc_index])
 
 
 def _excluded(keys: Sequence[str]) -> List[str]:
     return list(keys) + [k for k in OPRM_METADATA_KEYS if k not in keys]
 
 
-def chunk_node(source: BaseNode, score: "ChunkScore", criterion: str = "entropy") -> NodeWithScore:
+def chunk_node(source: BaseNode, score: "ChunkScore", position: int | None = None) -> NodeWithScore:
     """A scored chunk of ``source`` as a node.
 
     A chunk that is the whole node keeps the node (a copy with the same id, so the index's
     node is not modified). A part becomes a ``TextNode`` with a derived id, the source's
     metadata, ``PARENT`` = the source node and ``SOURCE`` = the source's document (or the
     source itself when it is a document), and character offsets into that document.
+    ``position`` (the source's place in the nodes the caller passed) becomes ``oprm_doc_index``.
     """
     text = source.get_content(metadata_mode=MetadataMode.NONE)
-    meta = {**source.metadata, **_oprm_metadata(score, source)}
+    meta = {**source.metadata, **score.metadata(), "oprm_source_node_id": source.node_id}
+    if position is not None:
+        meta["oprm_doc_index"] = position
     excluded_llm = _excluded(source.excluded_llm_metadata_keys)
     excluded_embed = _excluded(source.excluded_embed_metadata_keys)
-    value = node_score(score, criterion)
+    value = float(score.relevance_score)
     if score.char_start == 0 and score.char_end == len(text):
         node = source.model_copy()
         node.metadata = meta

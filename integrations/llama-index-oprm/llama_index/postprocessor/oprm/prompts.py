@@ -9,33 +9,29 @@ again (the handoff).
 
 from __future__ import annotations
 
-import dataclasses
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List
 
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.prompts import BasePromptTemplate, ChatPromptTemplate, PromptTemplate, PromptType
 
 if TYPE_CHECKING:  # pragma: no cover
-    from oprm_rag.lm import RecurrentLM
+    from oprm_rag.prompts import PromptTemplate as OPRMPromptTemplate
 
 __all__ = ["oprm_qa_prompt"]
 
-_QUESTION_MARK = "\u2063OPRM_QUERY\u2063"
 
+def oprm_qa_prompt(template: "OPRMPromptTemplate") -> BasePromptTemplate:
+    """An OPRM prompt with ``{context_str}`` for the chunk and ``{query_str}`` for Q.
 
-def oprm_qa_prompt(lm: "RecurrentLM", idk_word: Optional[str] = None) -> BasePromptTemplate:
-    """The model's OPRM prompt with ``{context_str}`` for the chunk and ``{query_str}`` for Q.
-
-    For raw-text models this is a ``PromptTemplate`` rendering ``P + context + Q``; for
-    models whose OPRM prompt goes through the chat template it is a ``ChatPromptTemplate``
-    whose user turn, rendered by ``RecurrentLLM.chat``, gives the same text. LlamaIndex
-    fills variables with a safe formatter, so braces in P or Q need no escaping.
+    The user turn is the core's one rendering (``PromptTemplate.turn``). For raw-text
+    models this is a ``PromptTemplate`` rendering ``P + context + Q``; for models whose
+    OPRM prompt goes through the chat template it is a ``ChatPromptTemplate`` whose user
+    turn, rendered by ``RecurrentLLM.chat``, gives the same text. LlamaIndex fills
+    variables with a safe formatter, so braces in P or Q need no escaping. Get it from a
+    component as ``OPRMNodePostprocessor.qa_prompt()`` (its selector's prompt, IDK word
+    included).
     """
-    template = lm.prompt if idk_word is None else lm.prompt.with_idk_word(idk_word)
-    before, after = dataclasses.replace(template, use_chat_template=False).split(_QUESTION_MARK)
-    if after.count(_QUESTION_MARK) != 1:
-        raise ValueError("the model's question template must contain {question} exactly once")
-    turn = before + "{context_str}" + after.replace(_QUESTION_MARK, "{query_str}")
+    turn = template.turn("{context_str}", "{query_str}")
     if not template.use_chat_template:
         return PromptTemplate(turn, prompt_type=PromptType.QUESTION_ANSWER)
     messages: List[ChatMessage] = []

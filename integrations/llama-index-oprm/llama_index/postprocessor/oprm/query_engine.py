@@ -4,7 +4,7 @@ No retriever and no embeddings: the engine reads all nodes of an index or a docu
 list, scores every chunk with the model itself, and decodes the answer from the
 winning chunk's stored state (the engine's ``answer_from`` / ``stream``), so the chunk is
 never prefilled a second time. The chunks it answered from come back as
-``source_nodes`` (``score = -entropy``), so LlamaIndex citations work. In
+``source_nodes`` (``score``: the core's ``relevance_score``), so LlamaIndex citations work. In
 ``response_mode="summary"`` it decodes from every chunk and joins the parts in document
 order (the OPRM paper's summary mode); every chunk is then a source node.
 
@@ -27,7 +27,7 @@ from oprm_rag import DEMO_MODEL
 
 from llama_index.llms.oprm.utils import ModelArg, aiter_in_thread
 
-from .nodes import NodeDocuments, OPRMSelectorOptions, chunk_node
+from .nodes import NodeDocuments, OPRMSelectorOptions
 
 __all__ = ["OPRMQueryEngine"]
 
@@ -45,7 +45,6 @@ class OPRMQueryEngine(OPRMSelectorOptions, CustomQueryEngine):
     """
 
     nodes: List[SerializeAsAny[BaseNode]] = Field(description="Every node the engine reads, in order.")
-    top_n: int = Field(default=1, ge=1, description="Chunks to answer from.")
     response_mode: ResponseMode = Field(default="answer", description="'answer' or 'summary'.")
     streaming: bool = Field(default=False, description="Return streaming responses.")
     max_new_tokens: int = Field(default=64, ge=0, description="Answer length limit (per chunk in summaries).")
@@ -80,9 +79,11 @@ class OPRMQueryEngine(OPRMSelectorOptions, CustomQueryEngine):
         return cls(model=model, nodes=nodes, **kwargs)
 
     # ------------------------------------------------------------------ pieces
-    def _generation(self) -> Dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "seed": self.seed,
-                "stop": list(self.stop), **self.generation_kwargs}
+    def _generation(self) -> Any:
+        from oprm_rag.generation import GenerationConfig
+
+        defaults = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "seed": self.seed}
+        return GenerationConfig.from_call(defaults, self.generation_kwargs, list(self.stop))
 
     def _documents(self) -> NodeDocuments:
         docs = NodeDocuments(self.nodes)
@@ -91,12 +92,12 @@ class OPRMQueryEngine(OPRMSelectorOptions, CustomQueryEngine):
         return docs
 
     def _sources(self, docs: NodeDocuments, scores: Sequence[Any]) -> List[NodeWithScore]:
-        return [chunk_node(docs.owners[s.doc_index], s, self.criterion) for s in scores]
+        return [docs.node(s) for s in scores]
 
     @staticmethod
     def _metadata(answer: Any, selection: Any = None) -> Dict[str, Any]:
-        meta: Dict[str, Any] = {"oprm_usage": dict(answer.usage), "oprm_finish_reason": answer.finish_reason,
-                                "oprm_all_idk": bool(answer.all_idk)}
+        meta: Dict[str, Any] = {"oprm_usage": answer.usage.to_dict(), "oprm_finish_reason": answer.finish_reason,
+                                "oprm_all_idk": bool(answer.all_idk), "oprm_no_answer_reason": answer.no_answer_reason}
         if answer.parts is not None:
             meta["oprm_parts"] = list(answer.parts)
         if selection is not None:
@@ -106,28 +107,24 @@ class OPRMQueryEngine(OPRMSelectorOptions, CustomQueryEngine):
     # ------------------------------------------------------------------ answering (blocking)
     def _answer(self, query_str: str) -> Response:
         docs = self._documents()
-        sel = self.selector(top_k=self.top_n)
+        sel = self.selector()
         if self.response_mode == "summary":
-            answer = sel.summarize(docs.texts, query_str or None, **self._generation())
+            answer = sel.summarize(docs.texts, query_str or None, generation=self._generation())
             return Response(answer.text, self._sources(docs, answer.chunks), self._metadata(answer))
         result = sel.select(query_str, docs.texts)
-        answer = sel.answer_from(result, **self._generation())  # decodes from the stored state
+        answer = sel.answer_from(result, generation=self._generation())  # decodes from the stored state
         return Response(answer.text, self._sources(docs, result.selected), self._metadata(answer, result))
 
     def _stream(self, query_str: str) -> StreamingResponse:
-        """Scores now; returns the decoding as a generator.
-
-        The engine has no public "stream from a held selection", so the answer stream is
-        started and its first piece taken here: that runs the selection (and one decode
-        step) and makes the selected chunks known before the response is returned.
-        """
+        """Scores now (so the selected chunks are known when the response is returned);
+        returns the decoding from the winner's stored state as a generator."""
         docs = self._documents()
-        sel = self.selector(top_k=self.top_n)
+        sel = self.selector()
         meta: Dict[str, Any] = {}
         if self.response_mode == "summary":
             # Parts stream in document order; the chunks and their scores are known only
             # once every chunk has run, so source_nodes fill in when the stream ends.
-            summary = sel.stream_summary(docs.texts, query_str or None, **self._generation())
+            summary = sel.stream_summary(docs.texts, query_str or None, generation=self._generation())
             sources: List[NodeWithScore] = []
 
             def summary_pieces() -> Generator[str, None, None]:
@@ -138,17 +135,12 @@ class OPRMQueryEngine(OPRMSelectorOptions, CustomQueryEngine):
 
             return StreamingResponse(summary_pieces(), source_nodes=sources, metadata=meta)
 
-        stream = sel.stream(query_str, docs.texts, **self._generation())
-        pieces = iter(stream)
-        first = next(pieces, None)
-        selection = stream.selection
-        assert selection is not None
+        selection = sel.select(query_str, docs.texts)
+        stream = sel.stream_from(selection, generation=self._generation())
         meta["oprm_chunks"] = [c.to_dict() for c in selection.chunks]
 
         def answer_pieces() -> Generator[str, None, None]:
-            if first is not None:
-                yield first
-            yield from pieces
+            yield from stream
             assert stream.answer is not None
             meta.update(self._metadata(stream.answer, selection))
 

@@ -1,0 +1,133 @@
+"""The decode loop: answers from stored states, token by token.
+
+One loop serves every caller: ``Decoder`` decodes a batch of answers whose rows stop
+independently (summaries decode every chunk at once); ``TokenStream`` is its batch-1
+view, which streams text pieces as they are decoded (answers, chat wrappers). The
+prompt is already inside the state, so only new tokens are fed, one step at a time:
+``model.generate`` would re-feed the prompt on top of a passed state.
+
+If the model's logits stop being finite (a float16 overflow), decoding stops with
+:class:`~oprm_rag.errors.NonFiniteScoresError` instead of emitting token 0 forever.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
+
+from .errors import NonFiniteScoresError
+from .generation import Generation, GenerationConfig, TextAssembler, choose_next
+from .scoring import nonfinite_rows
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .lm import RecurrentLM
+    from .state import RecurrentState
+
+__all__ = ["Decoder", "TokenStream"]
+
+
+class Decoder:
+    """Decode ``b`` answers at once from a batch of states (rows stop independently).
+
+    Iterate :meth:`pieces` for ``(row, text piece)`` as they are decoded; ``results``
+    holds each row's :class:`Generation` (complete when iteration ends).
+    """
+
+    def __init__(self, lm: "RecurrentLM", states: "RecurrentState", logits: torch.Tensor,
+                 config: GenerationConfig, prompt_tokens: Sequence[int] | None = None) -> None:
+        b = states.batch_size
+        logits = logits.reshape(b, -1)
+        self.lm = lm
+        self.config = config
+        self.results = [Generation("", [], "length", int((prompt_tokens or [0] * b)[i])) for i in range(b)]
+        self._states = states
+        self._logits = logits
+
+    def pieces(self) -> Iterator[tuple[int, str]]:
+        lm, cfg = self.lm, self.config
+        b = len(self.results)
+        asms = [TextAssembler(lm.tokenizer, cfg.stop) for _ in range(b)]
+        generator = cfg.generator(lm.device)
+        eos = lm.eos_token_ids if cfg.stop_at_eos else set()
+        done = [cfg.max_new_tokens == 0] * b
+        session = lm.backend.session(self._states)
+        logits = self._logits
+        for step in range(cfg.max_new_tokens):
+            _check_finite(logits, done, step)
+            nxt = choose_next(logits, cfg, generator)
+            for i, tid in enumerate(nxt.tolist()):
+                if done[i]:
+                    continue
+                res = self.results[i]
+                if tid in eos:
+                    res.finish_reason, done[i] = "eos", True
+                    continue
+                res.token_ids.append(tid)
+                piece = asms[i].add(tid)
+                res.text = asms[i].text
+                if piece:
+                    yield i, piece
+                if asms[i].stopped:
+                    res.finish_reason, done[i] = "stop", True
+            if all(done) or step + 1 == cfg.max_new_tokens:
+                break
+            logits = lm.decode_step(session, nxt[:, None], active=b - sum(done))
+        for i, asm in enumerate(asms):
+            tail = asm.finish()
+            self.results[i].text = asm.text
+            if tail:
+                yield i, tail
+
+    def run(self) -> list[Generation]:
+        """Decode to the end; every row's generation."""
+        for _ in self.pieces():
+            pass
+        return self.results
+
+
+def _check_finite(logits: torch.Tensor, done: list[bool], step: int) -> None:
+    bad = nonfinite_rows(logits).tolist()
+    if any(b and not d for b, d in zip(bad, done)):
+        raise NonFiniteScoresError(
+            f"the model's logits became NaN or infinite at decoding step {step}; nothing after this point "
+            "can be trusted. Load the model in float32 or bfloat16 (dtype=...) instead of float16.")
+
+
+class TokenStream:
+    """One answer being decoded: iterate for text pieces; ``result`` holds the whole answer.
+
+    ``reused_tokens`` counts prompt tokens resumed from a handed-off state (0: none).
+    """
+
+    def __init__(self, lm: "RecurrentLM", state: "RecurrentState", logits: torch.Tensor,
+                 config: GenerationConfig | None = None, prompt_tokens: int = 0, reused_tokens: int = 0) -> None:
+        if state.batch_size != 1:
+            raise ValueError("TokenStream decodes one sequence; use Decoder for batches")
+        self.lm = lm
+        self._decoder = Decoder(lm, state, logits, config or GenerationConfig(), [prompt_tokens])
+        self.reused_tokens = reused_tokens
+        self._iter: Iterator[str] | None = None
+
+    @property
+    def result(self) -> Generation:
+        return self._decoder.results[0]
+
+    @property
+    def handoff_hit(self) -> bool:
+        return self.reused_tokens > 0
+
+    def __iter__(self) -> Iterator[str]:
+        if self._iter is None:
+            self._iter = (piece for _, piece in self._decoder.pieces())
+        return self._iter
+
+    def close(self) -> None:
+        if self._iter is not None:
+            self._iter.close()  # type: ignore[attr-defined]
+
+    def text(self) -> str:
+        """Run to the end and return the whole answer."""
+        for _ in self:
+            pass
+        return self.result.text

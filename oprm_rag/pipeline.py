@@ -1,0 +1,354 @@
+"""One pass of speculative prefill over chunk batches: the work behind every selection.
+
+For a set of questions over a set of documents, a :class:`ScoringRun` streams over
+batches of chunks (bounded by ``max_batch_tokens``):
+
+    S_i      = state after [P, C_i]     from the prefix state, or the document cache
+    T_i, p_i = state after [P, C_i, Q]  and the first-answer distribution, per question
+    score    = entropy, top token, IDK mass, why (not) eligible
+    pool     keeps only the best ``top_k`` candidates' states per question
+
+so memory depends on the batch and the state size, not on the document's length.
+Everything the pass needs travels in the run object (the idea of mamba-ssm's
+``InferenceParams``), and everything model-specific goes through the engine seam.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+
+from .cache import Claim, DocStates, cache_key
+from .chunking import DocumentTokens, chunk_document
+from .engine import Engine, Extension
+from .errors import InputError, NonFiniteScoresError
+from .results import Chunk, ChunkScore, SelectionResult, Usage
+from .scoring import CandidatePool, drop_reason
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .cache import DocumentStateCache
+    from .engine import ChunkSize
+    from .options import SelectorOptions
+
+__all__ = ["ScoringRun", "ScoredRow", "Candidate", "Winners", "Document", "Question", "plan_batches"]
+
+logger = logging.getLogger("oprm_rag")
+
+
+@dataclass
+class Candidate:
+    """A chunk that can still win, with the states needed to answer from it."""
+
+    score: ChunkScore
+    after_question: Any  # state after [P, C_i, Q] (batch 1)
+    first_logits: Any  # the engine's next-token scores after Q
+    after_chunk: Any  # state after [P, C_i] (batch 1), for re-joining top_k chunks
+
+
+@dataclass
+class Winners:
+    """What answering from a selection needs (kept on the ``SelectionResult``)."""
+
+    candidates: list[Candidate]
+    prefix_ids: list[int]
+    question_ids: list[int]
+
+
+@dataclass
+class ScoredRow:
+    """One chunk scored for one question, with the state to decode from (summaries)."""
+
+    question: "Question"
+    score: ChunkScore
+    state: Any
+    logits: Any
+
+
+@dataclass
+class Document:
+    """A document as the run sees it: its tokens, its chunks, and its cache entry."""
+
+    uid: int
+    tokens: DocumentTokens
+    chunks: list[Chunk]
+    key: str | None = None
+    claim: Claim | None = None
+    cached: DocStates | None = None
+    collected: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Question:
+    """A question and what its pass over the chunks found."""
+
+    text: str
+    ids: list[int]
+    doc_uids: list[int]
+    pool: CandidatePool
+    scores: list[ChunkScore] = field(default_factory=list)
+    tokens: int = 0  # tokens the model ran for this question in this call
+    nominal: int = 0  # tokens of all its [P, C_i, Q] inputs (plain OPRM's cost)
+    cached_chunks: int = 0
+    exact: bool = True  # every entropy came from the full distribution
+
+
+def plan_batches(lengths: Sequence[int], max_tokens: int, can_pad: bool, ordered: bool = False) -> list[list[int]]:
+    """Row indices grouped into batches of at most ``max_tokens`` (rows x width).
+
+    Rows of different lengths share a batch only where the engine takes padding;
+    otherwise (and for ``ordered`` runs, which keep document order) rows are taken in
+    the given order, else sorted by length to waste little padding.
+    """
+    order = list(range(len(lengths))) if ordered else sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    width = 0
+    for i in order:
+        w = max(width, lengths[i])
+        same = not cur or can_pad or lengths[i] == lengths[cur[0]]
+        if cur and (not same or w * (len(cur) + 1) > max_tokens):
+            batches.append(cur)
+            cur, w = [], lengths[i]
+        cur.append(i)
+        width = w
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+@dataclass
+class ScoringRun:
+    """Everything one pass over the chunks needs, in one typed object."""
+
+    engine: Engine
+    options: "SelectorOptions"
+    chunk: "ChunkSize"
+    idk_ids: frozenset[int]
+    cache: "DocumentStateCache | None"
+    prefix_ids: list[int]
+    docs: list[Document]
+    questions: list[Question]
+    return_inputs: bool = False
+    ordered: bool = False
+    prefix: Extension | None = None
+    _of: dict[int, list[tuple[Question, int]]] = field(default_factory=dict)
+
+    @property
+    def need_logits(self) -> bool:
+        """The question-likelihood criterion needs every position's logits."""
+        return self.options.criterion == "question_likelihood"
+
+    @property
+    def chunking(self) -> dict[str, Any]:
+        """Everything about chunking that a cached chunk state depends on."""
+        o = self.options
+        return {"chunk_tokens": self.chunk.tokens, "overlap": o.chunk_overlap, "boundary": o.boundary,
+                "tolerance": o.boundary_tolerance}
+
+    # ------------------------------------------------------------------ the pass
+    def run(self) -> Iterator[list[ScoredRow]]:
+        """Stream over chunk batches, yielding each batch's scored rows. Consume it fully:
+        the questions' pools and scores fill in as it goes."""
+        engine = self.engine
+        stores = engine.stores_states
+        known = getattr(engine, "has_prefix", lambda ids: False)(self.prefix_ids)
+        self.prefix = engine.start(self.prefix_ids)
+        for q in self.questions:
+            for pos, uid in enumerate(q.doc_uids):
+                self._of.setdefault(uid, []).append((q, pos))
+            q.tokens += 0 if (known or not stores) else len(self.prefix_ids)
+        progress = self._progress(sum(len(d.chunks) for d in self.docs))
+        try:
+            self._claim()  # inside the try: a failure part-way abandons what was claimed
+            pending = [d for d in self.docs if d.claim is not None and d.claim.status == "wait"]
+            ready = [d for d in self.docs if d not in pending]
+            yield from self._process(ready, progress)
+            for d in pending:  # another thread was computing these: take its result, or compute
+                assert d.claim is not None and self.cache is not None
+                d.claim = self.cache.wait(d.claim, engine.identity)
+                d.cached = d.claim.entry
+                yield from self._process([d], progress)
+        except BaseException:
+            for d in self.docs:
+                if d.claim is not None and d.claim.status == "own" and self.cache is not None:
+                    self.cache.abandon(d.claim.key)
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+
+    def _progress(self, total: int) -> Any:
+        if not self.options.show_progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc="OPRM scoring", unit="chunk", leave=False)
+
+    def _claim(self) -> None:
+        if self.cache is None or not self.engine.stores_states:
+            return
+        per_chunk = self.engine.state_nbytes + 4 * (self.engine.vocab_size or 0)
+        for d in self.docs:
+            if not self.cache.fits(per_chunk * len(d.chunks)):
+                continue  # too big to keep: stream it, memory stays bounded
+            d.key = cache_key(self.engine.identity, self.prefix_ids, self.chunking, d.tokens.token_ids)
+            d.claim = self.cache.claim(d.key, self.engine.identity)
+            if d.claim.status == "hit":
+                assert d.claim.entry is not None
+                if [tuple(s) for s in d.claim.entry.spans] != [(c.token_start, c.token_end) for c in d.chunks]:
+                    logger.warning("cached chunk spans differ from this chunking; recomputing")
+                    d.claim = Claim("own", d.key)
+                else:
+                    d.cached = d.claim.entry
+
+    def _process(self, docs: list[Document], progress: Any) -> Iterator[list[ScoredRow]]:
+        items = [(d, c) for d in docs for c in d.chunks]
+        for batch in plan_batches([c.num_tokens for _, c in items], self.options.max_batch_tokens,
+                                  self.engine.supports_left_padding, self.ordered):
+            part = [items[i] for i in batch]
+            states, end_logits, computed = self._chunk_states(part)
+            for r, (d, c) in enumerate(part):
+                for q, _ in self._of.get(d.uid, []):
+                    if computed[r] and self.engine.stores_states:
+                        q.tokens += c.num_tokens
+                    elif d.cached is not None:
+                        q.cached_chunks += 1
+                if d.claim is not None and d.claim.status == "own":
+                    d.collected[c.index] = (self.engine.select_states(states, r),
+                                            end_logits[r] if end_logits is not None else None)
+                    if len(d.collected) == len(d.chunks):
+                        self._store(d)
+            rows = self._question_pass(part, states, end_logits)
+            if progress is not None:
+                progress.update(len(part))
+            yield rows
+
+    def _store(self, d: Document) -> None:
+        import torch
+
+        assert self.cache is not None and d.key is not None
+        rows = [d.collected[i] for i in range(len(d.chunks))]  # chunk order, whatever the batch order was
+        states = self.engine.cat_states([s for s, _ in rows])
+        logits = torch.stack([lg for _, lg in rows]) if rows[0][1] is not None else torch.zeros(0)
+        self.cache.put(d.key, DocStates(states, logits, [(c.token_start, c.token_end) for c in d.chunks]),
+                       self.engine.identity, {"chunking": str(self.chunking)})
+        d.collected = {}
+        d.claim = Claim("hit", d.key)
+
+    def _chunk_states(self, part: list[tuple[Document, Chunk]]) -> tuple[Any, Any, list[bool]]:
+        """States after [P, C_i] for a batch of chunks: from the cache, or one model call.
+
+        Returns the states, the logits after each chunk (stacked tensor, or None when the
+        engine did not compute them), and which rows were computed now.
+        """
+        import torch
+
+        engine = self.engine
+        have: list[Any] = [d.cached.states.select(c.index) if d.cached is not None else None for d, c in part]
+        logits: list[Any] = [d.cached.chunk_end_logits[c.index] if d.cached is not None
+                             and d.cached.chunk_end_logits.numel() else None for d, c in part]
+        todo = [r for r, s in enumerate(have) if s is None]
+        if todo:
+            want = "last" if (engine.stores_states or self.need_logits) else "none"
+            assert self.prefix is not None
+            ext = engine.extend(self.prefix.states, [part[r][1].token_ids for r in todo], logits=want)
+            for j, r in enumerate(todo):
+                have[r] = engine.select_states(ext.states, j)
+                logits[r] = engine.row_logits(ext, j) if ext.logits is not None else None
+        states = engine.cat_states(have)
+        end = None
+        if all(lg is not None for lg in logits):
+            end = torch.stack([lg.to(logits[0].device) for lg in logits])
+        return states, end, [r in todo for r in range(len(part))]
+
+    def _question_pass(self, part: list[tuple[Document, Chunk]], states: Any, end_logits: Any) -> list[ScoredRow]:
+        """Run Q from each chunk's state; score; offer to each question's pool."""
+        engine, opts = self.engine, self.options
+        rows = [(q, pos, r) for r, (d, _) in enumerate(part) for q, pos in self._of.get(d.uid, [])]
+        scored: list[ScoredRow] = []
+        for batch in plan_batches([len(rows[i][0].ids) for i in range(len(rows))], opts.max_batch_tokens,
+                                  engine.supports_left_padding):
+            sel = [rows[i] for i in batch]
+            st = engine.select_states(states, [r for _, _, r in sel])
+            q_rows = [q.ids for q, _, _ in sel]
+            ext = engine.extend(st, q_rows, logits="all" if self.need_logits else "last")
+            first = engine.first_tokens(ext, self.idk_ids)
+            qlp = None
+            if self.need_logits:
+                if end_logits is None:
+                    raise InputError("criterion='question_likelihood' needs the logits after each chunk, "
+                                     "which this model does not give")
+                qlp = engine.question_logprobs(end_logits[[r for _, _, r in sel]], ext, q_rows)
+            for j, (q, pos, r) in enumerate(sel):
+                d, c = part[r]
+                full = len(self.prefix_ids) + c.num_tokens + len(q.ids)
+                q.nominal += full
+                q.tokens += len(q.ids) if engine.stores_states else full
+                q.exact = q.exact and first.exact
+                score = self._score(first, j, c.at(pos), qlp[j] if qlp is not None else None, q)
+                q.scores.append(score)
+                after_q = engine.select_states(ext.states, j)
+                logits_j = engine.row_logits(ext, j)
+                q.pool.offer(score, pos * 1e9 + c.token_start,
+                             Candidate(score, after_q, logits_j, engine.select_states(states, r)))
+                scored.append(ScoredRow(q, score, after_q, logits_j))
+        return scored
+
+    def _score(self, first: Any, j: int, chunk: Chunk, qlp: float | None, q: Question) -> ChunkScore:
+        tid = int(first.top_id[j])
+        finite = bool(first.finite[j])
+        score = ChunkScore(
+            chunk=chunk, entropy=float(first.entropy[j]), top_token_id=tid,
+            top_token=self.engine.decode([tid]) if finite else "", top_prob=float(first.top_prob[j]),
+            is_idk=finite and tid in self.idk_ids, idk_prob=float(first.idk_prob[j]), finite=finite,
+            criterion=self.options.criterion, question_logprob=qlp,
+            entropy_bounds=None if first.entropy_bounds is None else tuple(first.entropy_bounds[j]),
+            input_ids=(self.prefix_ids + chunk.ids + q.ids) if self.return_inputs else None)
+        score.dropped_by = drop_reason(score, self.options)
+        return score
+
+    # ------------------------------------------------------------------ results
+    def finish(self, q: Question, idk_word: str, remember: Any = None) -> SelectionResult:
+        """The selection for ``q`` once the pass is over; ``remember(candidate, question,
+        prefix_ids)`` is called for each chosen candidate (the handoff, on request)."""
+        scores = sorted(q.scores, key=lambda s: (s.doc_index, s.token_start))
+        finite = [s for s in scores if s.finite]
+        if scores and not finite:
+            raise NonFiniteScoresError(
+                f"every chunk's first-answer scores were NaN or infinite ({len(scores)} chunks): the model "
+                "overflowed. Load it in float32 or bfloat16 (dtype=...) instead of float16.")
+        if len(finite) < len(scores):
+            logger.warning("%d of %d chunks had NaN or infinite scores and cannot be selected (a float16 "
+                           "overflow?); they are flagged finite=False", len(scores) - len(finite), len(scores))
+        cands: list[Candidate] = q.pool.best()
+        all_idk = not cands and bool(finite) and all(s.dropped_by == "idk" for s in finite)
+        fallback_used = False
+        if not cands and self.options.fallback == "min_entropy":
+            fb = q.pool.fallback()
+            if fb is not None:
+                cands, fallback_used = [fb], True
+        for rank, cand in enumerate(cands):
+            cand.score.selected = True
+            cand.score.rank = rank
+            if remember is not None:
+                remember(cand, q, self.prefix_ids)
+        usage = Usage(input_tokens=q.tokens, nominal_input_tokens=q.nominal, chunks=len(scores),
+                      cached_chunks=q.cached_chunks, chunk_tokens=self.chunk.tokens,
+                      chunk_tokens_reason=self.chunk.reason, token_counting=self.engine.token_counting,
+                      entropy_exact=q.exact)
+        return SelectionResult(q.text, scores, [c.score for c in cands], all_idk, idk_word, usage,
+                               fallback_used, Winners(cands, list(self.prefix_ids), list(q.ids)))
+
+
+def tokenize_document(engine: Engine, text: str, uid: int, chunk: "ChunkSize", options: "SelectorOptions") -> Document:
+    """A document's tokens and chunks (the engine memoises the tokenisation)."""
+    ids, offsets = engine.encode_with_offsets(text)
+    if not len(ids):
+        raise InputError(f"document {uid} has no tokens")
+    toks = DocumentTokens(text, np.asarray(ids), np.asarray(offsets))
+    chunks = chunk_document(toks, uid, chunk.tokens, options.chunk_overlap, options.boundary,
+                            options.boundary_tolerance)
+    return Document(uid, toks, chunks)
