@@ -229,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _main(argv)
+    except KeyboardInterrupt:  # anywhere, even before the command started
+        print("\noprm-rag: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPT
     except BrokenPipeError:
         # stdout closed early (`oprm-rag ask ... | head -1`): stop quietly, like any Unix tool.
         try:

@@ -14,7 +14,7 @@ import signal
 from typing import Any, Iterator
 
 __all__ = ["CLIError", "add_model_args", "add_selector_args", "selector_options_from_args", "positive_int",
-           "engine_from_args", "startup_interrupts",
+           "engine_from_args", "startup_interrupts", "chunk_tokens_arg",
            "EXIT_INPUT", "EXIT_USAGE", "EXIT_MODEL", "EXIT_BUG", "EXIT_INTERRUPT", "EXIT_PIPE"]
 
 EXIT_INPUT, EXIT_USAGE, EXIT_MODEL, EXIT_BUG, EXIT_INTERRUPT, EXIT_PIPE = 1, 2, 3, 4, 130, 141
@@ -28,7 +28,7 @@ class CLIError(Exception):
         self.code = code
 
 
-def _chunk_tokens_arg(value: str) -> Any:
+def chunk_tokens_arg(value: str) -> Any:
     from .errors import OptionError
     from .options import parse_chunk_tokens
 
@@ -79,7 +79,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_selector_args(p: argparse.ArgumentParser) -> None:
     """Selector options; each left out takes the library's default (``SelectorOptions``)."""
-    p.add_argument("--chunk-tokens", type=_chunk_tokens_arg, default=argparse.SUPPRESS,
+    p.add_argument("--chunk-tokens", type=chunk_tokens_arg, default=argparse.SUPPRESS,
                    help="tokens per chunk, 'auto' (the model's own) or 'none' (plain inference); default "
                         + _default("chunk_tokens"))
     p.add_argument("--chunk-overlap", type=positive_int, default=argparse.SUPPRESS,
@@ -177,12 +177,15 @@ def startup_interrupts() -> Iterator[None]:
         finally:
             os._exit(EXIT_INTERRUPT)
 
+    previous: Any = None
     try:
-        previous = signal.signal(signal.SIGINT, stop)
+        # Started with Ctrl-C ignored (``nohup ... &``): keep it ignored.
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            previous = signal.signal(signal.SIGINT, stop)
     except ValueError:  # not the main thread (embedded use): leave signals alone
-        yield
-        return
+        previous = None
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

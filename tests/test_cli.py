@@ -35,7 +35,7 @@ def test_ask_prints_answer_and_winning_span(model_dir, doc_file, capsys):
     assert code == 0, err
     assert out.startswith("Answer: ")
     assert f"From {doc_file}, chars " in out and "entropy" in out
-    assert "chunks scored" in err and "Traceback" not in err
+    assert "tokens scored" in err and "Traceback" not in err
 
 
 def test_ask_json_is_machine_readable(model_dir, doc_file, capsys):
@@ -44,7 +44,7 @@ def test_ask_json_is_machine_readable(model_dir, doc_file, capsys):
     assert code == 0
     data = json.loads(out)
     assert data["question"] == "What is the code of beta?" and isinstance(data["answer"], str)
-    assert data["winner"]["file"] == str(doc_file)
+    assert data["winner"]["source"] == str(doc_file)
     assert len(data["chunks"]) > 3 and {"entropy", "char_start", "is_idk"} <= set(data["chunks"][0])
 
 
@@ -140,3 +140,98 @@ def test_ctrl_c_during_scoring_exits_130(model_dir, tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------- issue 16: one line, the right exit code
+def _spawn(args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "oprm_rag", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
+
+
+def _wait_for(proc, ready, what: str) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the command ended before {what}"
+
+
+def _native_libraries_loading(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as fh:
+            return "libtorch" in fh.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("moment", ["torch import", "model load"])
+def test_ctrl_c_during_start_up_exits_130_without_a_traceback(model_dir, doc_file, moment):
+    # The moments that went wrong: inside torch's native start-up, and while weights load.
+    # (The interpreter's own first ~50 ms, before any oprm-rag code runs, are Python's.)
+    proc = _spawn(["ask", doc_file, "-q", "What is the code of alpha?", "--model", model_dir("mamba2")])
+    if moment == "torch import":
+        _wait_for(proc, lambda: _native_libraries_loading(proc.pid), "torch loaded")
+    else:
+        seen = b""
+
+        def loading() -> bool:
+            nonlocal seen
+            seen += os.read(proc.stderr.fileno(), 1)
+            return b"Loading weights" in seen
+
+        _wait_for(proc, loading, "the model loaded")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    text = err.decode("utf-8", "replace")
+    assert proc.returncode == 130, text[-2000:]
+    assert "interrupted" in text and "Traceback" not in text
+
+
+def test_stdout_closed_early_is_quiet(model_dir, tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text(DOC * 300)  # its JSON (every chunk's text) is larger than a pipe's buffer
+    proc = _spawn(["inspect", big, "-q", "What is the code of alpha?", "--model", model_dir("mamba2"),
+                   "--chunk-tokens", "256", "--json"])
+    proc.stdout.read(1)
+    proc.stdout.close()  # like `| head -c 1`
+    err = proc.stderr.read().decode("utf-8", "replace")
+    proc.wait(timeout=120)
+    assert proc.returncode == 141, err[-2000:]
+    assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def test_cache_dir_that_is_a_file(model_dir, doc_file, tmp_path, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    got, _, err = run(["ask", doc_file, "-q", "q?", "--model", model_dir("mamba2"), "--cache-dir", blocker], capsys)
+    assert got == 2 and "--cache-dir" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("target", ["missing-folder/x.png", "."])
+def test_plot_to_a_path_that_cannot_be_written_fails_before_any_work(model_dir, doc_file, tmp_path, capsys, target):
+    got, out, err = run(["inspect", doc_file, "-q", "q?", "--model", model_dir("mamba2"), "--plot",
+                         tmp_path / target], capsys)
+    assert got == 2 and "--plot" in err and out == "" and "Traceback" not in err
+
+
+def test_serve_rejects_an_impossible_port(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--port", "99999"])
+    assert exc.value.code == 2 and "a port is 0-65535" in capsys.readouterr().err
+
+
+def test_serve_off_loopback_needs_a_token(capsys, monkeypatch):
+    monkeypatch.delenv("OPRM_WEB_TOKEN", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 2
+    assert "token" in capsys.readouterr().err
+
+
+def test_internal_faults_are_reported_as_bugs(model_dir, doc_file, capsys, monkeypatch):
+    from oprm_rag.selector import OPRMSelector
+
+    def broken(*args, **kwargs):
+        raise ValueError("deep inside the model")  # a plain ValueError is not the user's mistake
+
+    monkeypatch.setattr(OPRMSelector, "select_many", broken)
+    got, _, err = run(["ask", doc_file, "-q", "q?", "--model", model_dir("mamba2")], capsys)
+    assert got == 4 and "internal error" in err and "ValueError: deep inside the model" in err

@@ -1,0 +1,456 @@
+"""Run benchmark examples in vanilla and OPRM mode, one JSONL record per example and mode.
+
+*Vanilla* is the selector with ``chunk_tokens=None``: the whole context in one state,
+with LongBench's middle truncation for models that have a hard position limit (keep the
+first and the last half of the prompt's tokens). *OPRM* is the selector with chunks,
+the IDK filter and, for summary datasets, summary mode. Both modes read the same
+examples with the same prompt words (plus OPRM's IDK instruction).
+
+Records are appended (and flushed) one at a time to ``OUT/<dataset>.jsonl``; a run that
+stops (Ctrl-C, a crash, a lost node) resumes where it stopped: records already written
+are skipped, and a half-written last line is cut off before anything is appended. The
+run's settings are kept in ``OUT/run.json``; resuming with different settings is refused
+rather than mixing two runs in one table.
+
+With a model behind a server (an ``Engine`` that holds no states in this process),
+several examples are in flight at once (``max_concurrency``); in-process models run one
+example at a time (the model already uses the whole machine).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from ..errors import InputError
+from .datasets import Example
+from .prompts import PromptParts
+
+__all__ = ["Mode", "MODES", "Predictor", "Prediction", "ResultStore", "RunItem", "run_items", "position_limit",
+           "is_served", "truncate_middle", "model_prompt"]
+
+logger = logging.getLogger("oprm_rag.eval")
+
+Mode = str
+MODES: tuple[str, ...] = ("vanilla", "oprm")
+
+
+# ---------------------------------------------------------------------- the model, as the runner sees it
+def is_served(model: Any) -> bool:
+    """True for an ``Engine`` whose states live on a server (requests can run concurrently)."""
+    from ..engine import Engine
+
+    return isinstance(model, Engine) and not bool(getattr(model, "stores_states", True))
+
+
+def position_limit(model: Any) -> int | None:
+    """The most tokens one sequence may hold, for models with absolute positions; None
+    for recurrent models (their vanilla baseline reads the whole context, as the paper's)."""
+    limit = getattr(model, "position_limit", None)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return limit
+    backend = getattr(model, "backend", None)
+    if backend is not None and not getattr(backend, "exact_continuation", True):
+        value = getattr(getattr(getattr(model, "model", None), "config", None), "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) else None
+    return None
+
+
+def model_prompt(model: Any) -> Any:
+    """The model's own ``PromptTemplate`` (its folder's ``oprm_prompt.json`` or the default)."""
+    prompt = getattr(model, "prompt", None)
+    if prompt is None:
+        from ..prompts import PromptTemplate
+
+        return PromptTemplate()
+    return prompt
+
+
+def _encode(model: Any, text: str) -> list[int]:
+    return list(model.encode(text))
+
+
+def truncate_middle(parts: PromptParts, model: Any, limit: int) -> tuple[PromptParts, bool]:
+    """LongBench's truncation: when P + C + Q exceeds ``limit`` tokens, keep the first
+    ``limit // 2`` and the last ``limit // 2`` tokens of the prompt.
+
+    The cut always falls inside the context (P and Q are far shorter than half a window),
+    so we cut the context's tokens and keep P and Q whole: the same tokens LongBench keeps.
+    """
+    p, c, q = _encode(model, parts.instruction), _encode(model, parts.context), _encode(model, parts.question)
+    if len(p) + len(c) + len(q) <= limit:
+        return parts, False
+    half = limit // 2
+    head, tail = max(0, half - len(p)), max(0, half - len(q))
+    context = model.decode(c[:head]) + (model.decode(c[-tail:]) if tail else "")
+    return PromptParts(parts.instruction, context, parts.question, parts.summary, parts.idk_means), True
+
+
+# ---------------------------------------------------------------------- predicting
+@dataclass
+class Prediction:
+    """One answer and what it cost."""
+
+    text: str
+    usage: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    truncated: bool = False
+    chunk_tokens: int | None = None
+
+
+def _usage(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):
+        return dict(to_dict())
+    try:
+        from dataclasses import asdict
+
+        return asdict(value)
+    except TypeError:
+        return {"usage": str(value)}
+
+
+class Predictor:
+    """Answers one example in one mode through the public ``OPRMSelector`` API.
+
+    Args:
+        model: a ``RecurrentLM`` or an ``Engine`` (in-process or served).
+        mode: ``"vanilla"`` or ``"oprm"``.
+        chunk_tokens: OPRM's chunk length (int or ``"auto"``); ignored in vanilla mode.
+        idk_filter: OPRM drops chunks answering the IDK word (the paper's rule).
+        use_chat_template: wrap P + C + Q in the model's chat template (instruct models).
+        max_length: vanilla's token budget (LongBench's middle truncation); None = the
+            model's position limit, or no truncation for recurrent models.
+    """
+
+    def __init__(self, model: Any, mode: Mode, *, chunk_tokens: int | str = "auto", idk_filter: bool = True,
+                 use_chat_template: bool | None = None, max_length: int | None = None) -> None:
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.model = model
+        self.mode = mode
+        self.chunk_tokens = chunk_tokens
+        self.idk_filter = idk_filter
+        own = model_prompt(model)
+        self.idk_word: str = own.idk_word
+        self.system_prompt = getattr(own, "system_prompt", None)
+        self.use_chat_template = own.use_chat_template if use_chat_template is None else bool(use_chat_template)
+        self.max_length = max_length  # an explicit budget (LongBench's model2maxlen), else from the limit
+        self.position_limit = position_limit(model)
+        self._local = threading.local()  # selectors per thread: served runs predict concurrently
+        self._resolved_chunk: int | None = None
+
+    # -- selectors
+    def _template(self, instruction: str) -> Any:
+        from ..prompts import PromptTemplate
+
+        return PromptTemplate(instruction=instruction, question_template="{question}", idk_word=self.idk_word,
+                              use_chat_template=self.use_chat_template, system_prompt=self.system_prompt)
+
+    def selector(self, instruction: str | None = None) -> Any:
+        """The selector for this mode and instruction (None: the model's own prompt)."""
+        from .. import OPRMSelector
+
+        cache = self._local.__dict__.setdefault("selectors", {})
+        sel = cache.get(instruction)
+        if sel is None:
+            prompt = None if instruction is None else self._template(instruction)
+            if prompt is None and self.use_chat_template != model_prompt(self.model).use_chat_template:
+                from dataclasses import replace
+
+                prompt = replace(model_prompt(self.model), use_chat_template=self.use_chat_template)
+            vanilla = self.mode == "vanilla"
+            sel = OPRMSelector(self.model, chunk_tokens=None if vanilla else self.chunk_tokens, prompt=prompt,
+                               idk_filter=self.idk_filter and not vanilla, cache=False)
+            cache[instruction] = sel
+        return sel
+
+    def resolved_chunk_tokens(self) -> int | None:
+        """OPRM's chunk length in tokens (``auto`` resolved), None in vanilla mode."""
+        if self.mode == "vanilla":
+            return None
+        if isinstance(self.chunk_tokens, int):
+            return self.chunk_tokens
+        if self._resolved_chunk is None:
+            value = getattr(self.selector(None), "chunk_tokens", None)
+            if not isinstance(value, int):
+                auto = getattr(self.model, "auto_chunk", None)  # an Engine
+                if callable(auto):
+                    value = auto().tokens
+                else:
+                    from ..capacity import auto_chunk_tokens
+
+                    value = auto_chunk_tokens(self.model).chunk_tokens
+            self._resolved_chunk = int(value)
+        return self._resolved_chunk
+
+    #: Tokens kept free for the chat template's turn markers when the budget comes from
+    #: the model's position limit (LongBench's own budgets leave a few hundred).
+    TEMPLATE_MARGIN = 64
+
+    def prompt_budget(self, max_new_tokens: int) -> int | None:
+        """Vanilla's prompt budget: ``max_length`` if given, else the position limit less
+        the answer and the template's markers; None (no truncation) for recurrent models."""
+        if self.max_length is not None:
+            return self.max_length
+        if self.position_limit is None:
+            return None
+        return max(16, self.position_limit - max_new_tokens - self.TEMPLATE_MARGIN)
+
+    # -- answering
+    def predict(self, parts: PromptParts, max_new_tokens: int, *, keep_tail: bool = False) -> Prediction:
+        """Answer ``parts`` (P, C, Q). ``keep_tail`` (lcc under OPRM, as the paper's code):
+        read only the last chunk of the context instead of selecting among chunks."""
+        start = time.perf_counter()
+        truncated = False
+        budget = self.prompt_budget(max_new_tokens)
+        if self.mode == "vanilla" and budget is not None:
+            parts, truncated = truncate_middle(parts, self.model, budget)
+        chunk = self.resolved_chunk_tokens()
+        if keep_tail and chunk is not None:
+            ids = _encode(self.model, parts.context)
+            if len(ids) > chunk:
+                parts = PromptParts(parts.instruction, self.model.decode(ids[-chunk:]), parts.question, parts.summary,
+                                    parts.idk_means)
+        sel = self.selector(parts.instruction)
+        if parts.summary and self.mode == "oprm":
+            answer = sel.summarize(parts.context, question=parts.question, max_new_tokens=max_new_tokens)
+        else:
+            answer = sel.answer(parts.question, parts.context, max_new_tokens=max_new_tokens)
+        text = answer.text
+        if parts.idk_means is not None and text.strip() == self.idk_word:
+            text = parts.idk_means
+        return Prediction(text, _usage(getattr(answer, "usage", None)), time.perf_counter() - start, truncated, chunk)
+
+    def predict_own_prompt(self, question: str, context: str, max_new_tokens: int) -> Prediction:
+        """Answer with the model's own prompt (custom data, the needle task)."""
+        start = time.perf_counter()
+        sel = self.selector(None)
+        answer = sel.answer(question, context, max_new_tokens=max_new_tokens)
+        return Prediction(answer.text, _usage(getattr(answer, "usage", None)), time.perf_counter() - start, False,
+                          self.resolved_chunk_tokens())
+
+
+# ---------------------------------------------------------------------- records
+class ResultStore:
+    """Per-dataset JSONL files of records under one folder, appended one record at a time."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def path(self, dataset: str) -> Path:
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in dataset)
+        return self.dir / f"{safe}.jsonl"
+
+    def _repair(self, path: Path) -> None:
+        """Cut a half-written last line (an interrupted write) so appends stay line-aligned."""
+        if not path.is_file():
+            return
+        with path.open("rb+") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            if size == 0:
+                return
+            fh.seek(size - 1)
+            if fh.read(1) == b"\n":
+                return
+            block = min(size, 1 << 16)
+            end = size
+            while end > 0:  # find the last newline, reading backwards
+                start = max(0, end - block)
+                fh.seek(start)
+                chunk = fh.read(end - start)
+                at = chunk.rfind(b"\n")
+                if at >= 0:
+                    fh.truncate(start + at + 1)
+                    logger.warning("%s: dropped a half-written last record (interrupted run)", path)
+                    return
+                end = start
+            fh.truncate(0)
+
+    def records(self, dataset: str) -> list[dict[str, Any]]:
+        """Every complete record of ``dataset`` (a broken last line is ignored)."""
+        path = self.path(dataset)
+        if not path.is_file():
+            return []
+        out = []
+        lines = path.read_text(encoding="utf-8").split("\n")
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i >= len(lines) - 2:  # only the last line may be cut
+                    continue
+                raise InputError(f"{path}: line {i + 1} is not valid JSON; the results file is damaged (delete it "
+                                 "to rerun that dataset)") from None
+        return out
+
+    def done(self, dataset: str) -> set[tuple[str, str]]:
+        """(``_id``, mode) pairs already recorded for ``dataset``."""
+        return {(str(r.get("_id")), str(r.get("mode"))) for r in self.records(dataset)}
+
+    def open_for_append(self, dataset: str) -> None:
+        self._repair(self.path(dataset))
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        with self._lock, self.path(str(record["dataset"])).open("a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def error(self, record: Mapping[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
+        with self._lock, (self.dir / "errors.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(line)
+
+    # -- the run's settings
+    def check_config(self, benchmark: str, config: Mapping[str, Any]) -> None:
+        """Record the run's settings; refuse to resume a folder made with other settings."""
+        path = self.dir / "run.json"
+        data: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                raise InputError(f"{path} is damaged; delete it (and the results) or use another --out") from None
+        old = data.get(benchmark)
+        new = json.loads(json.dumps(dict(config), default=str))
+        if old is not None and old != new:
+            diff = ", ".join(f"{k}: {old.get(k)!r} before, {new.get(k)!r} now"
+                             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+            raise InputError(f"{self.dir} holds {benchmark} results of a run with other settings ({diff}); "
+                             "use another --out, or delete that folder to start over")
+        data[benchmark] = new
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------- the loop
+@dataclass
+class RunItem:
+    """One (example, mode) to answer, and how to turn the answer into a record."""
+
+    example: Example
+    mode: Mode
+    work: Callable[[], dict[str, Any]]  # answers and returns the record (with a "score")
+
+
+@dataclass
+class RunStats:
+    done: int = 0
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def _progress(total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", disable=None, leave=False)
+
+
+def run_items(items: Sequence[RunItem], store: ResultStore, *, max_concurrency: int = 1, desc: str = "",
+              stats: RunStats | None = None) -> RunStats:
+    """Answer every item not yet recorded, appending each record as soon as it exists.
+
+    An item whose answer raises an :class:`InputError` (an example the model cannot
+    take) is logged to ``errors.jsonl`` and not recorded, so a rerun retries it; any
+    other exception and Ctrl-C stop the run (what was recorded stays).
+    """
+    stats = stats or RunStats()
+    datasets = {it.example.dataset for it in items}
+    done: dict[str, set[tuple[str, str]]] = {}
+    for d in datasets:
+        store.open_for_append(d)
+        done[d] = store.done(d)
+    todo = [it for it in items if (it.example.id, it.mode) not in done[it.example.dataset]]
+    stats.skipped += len(items) - len(todo)
+    if not todo:
+        return stats
+    bar = _progress(len(todo), desc)
+
+    def finish(item: RunItem, record: dict[str, Any] | None, exc: BaseException | None) -> None:
+        if exc is not None:
+            if not isinstance(exc, InputError):
+                raise exc
+            msg = f"{item.example.dataset} {item.example.id} ({item.mode}): {exc}"
+            stats.errors.append(msg)
+            store.error({"_id": item.example.id, "dataset": item.example.dataset, "mode": item.mode,
+                         "error": str(exc)})
+            logger.warning("skipped %s", msg)
+        else:
+            assert record is not None
+            store.append(record)
+            stats.done += 1
+        bar.update(1)
+
+    try:
+        if max_concurrency <= 1:
+            for item in todo:
+                try:
+                    record = item.work()
+                except InputError as exc:
+                    finish(item, None, exc)
+                    continue
+                finish(item, record, None)
+        else:
+            _run_concurrently(todo, max_concurrency, finish)
+    finally:
+        bar.close()
+    return stats
+
+
+def _run_concurrently(todo: Sequence[RunItem], workers: int,
+                      finish: Callable[[RunItem, dict[str, Any] | None, BaseException | None], None]) -> None:
+    """Keep ``workers`` items in flight; record each as it completes (in completion order)."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oprm-eval")
+    queue = iter(todo)
+    running: dict[Future, RunItem] = {}
+    try:
+        for item in queue:
+            running[pool.submit(item.work)] = item
+            if len(running) >= workers:
+                break
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                item = running.pop(fut)
+                exc = fut.exception()
+                finish(item, None if exc else fut.result(), exc)
+                nxt = next(queue, None)
+                if nxt is not None:
+                    running[pool.submit(nxt.work)] = nxt
+    finally:
+        for fut in running:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def iter_modes(mode: str) -> tuple[Mode, ...]:
+    """``vanilla``, ``oprm`` or ``both`` as the modes to run, vanilla first."""
+    if mode == "both":
+        return MODES
+    if mode not in MODES:
+        raise InputError(f"--mode must be vanilla, oprm or both, got {mode!r}")
+    return (mode,)
+
+
+def interleave(examples: Iterable[Example], modes: Sequence[Mode],
+               make: Callable[[Example, Mode], Callable[[], dict[str, Any]]]) -> list[RunItem]:
+    """Items for every example in every mode, modes adjacent: an interrupted ``both`` run
+    leaves pairs that can be compared."""
+    return [RunItem(ex, m, make(ex, m)) for ex in examples for m in modes]
