@@ -460,3 +460,76 @@ def test_page_uploads_asks_streams_and_highlights(env: WebEnv, tmp_path: Path) -
                                    timeout=10_000)
         finally:
             browser.close()
+
+
+# ---------------------------------------------------------------------- issue 16: the web app beyond one user
+def test_a_lone_surrogate_upload_is_refused_at_the_boundary(env: WebEnv) -> None:
+    r = env.client.post("/api/documents", content=b'{"text": "bad \\ud800 text", "name": "x"}',
+                        headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "surrogate" in r.json()["error"]
+    r = env.client.post("/api/documents", content=b'{"text": "fine text", "name": "n\\udfff"}',
+                        headers={"content-type": "application/json"})
+    assert r.status_code in (201, 422)  # a name is cleaned or refused, never stored broken
+    # nothing broken was stored: every document reads back
+    assert all(env.client.get(f"/api/documents/{d}").status_code == 200
+               for d in list(env.app.state.store._docs))  # noqa: SLF001
+
+
+@pytest.mark.parametrize("path", ["/api/ask", "/api/documents"])
+def test_bodies_are_capped_while_they_arrive(env: WebEnv, path: str) -> None:
+    """A chunked upload (no Content-Length to check up front) is refused once it passes the
+    limit, while the client is still sending: it is never read whole."""
+    app = create_app(env.lm, settings=WebSettings(max_upload_bytes=1 << 20), **env.selector_kwargs)
+    with serve(app) as url:
+        host, port = url.rsplit("/", 1)[-1].split(":")
+        sock = socket.create_connection((host, int(port)), timeout=10)
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        piece = b"x" * 65536
+        sent, reply = 0, b""
+        sock.settimeout(0.05)
+        while sent < 2000 and not reply:  # 2000 pieces would be 128 MB
+            try:
+                sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                sent += 1
+                reply = sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:  # the server closed the connection after answering
+                break
+        sock.settimeout(10)
+        try:
+            reply += sock.recv(4096)
+        except OSError:
+            pass
+        sock.close()
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert sent < 40, f"the server read {sent} pieces of 64 KiB before refusing"
+
+
+def test_host_header_allow_list_guards_against_dns_rebinding(env: WebEnv) -> None:
+    assert env.client.get("/api/health", headers={"host": "localhost:8000"}).status_code == 200
+    r = env.client.get("/api/health", headers={"host": "attacker.example:8000"})
+    assert r.status_code == 400 and "attacker.example" in r.json()["error"]
+    app = create_app(env.lm, settings=WebSettings(allowed_hosts=("qa.internal",)), **env.selector_kwargs)
+    with TestClient(app, base_url="http://qa.internal") as c:
+        assert c.get("/api/health").status_code == 200
+
+
+def test_a_token_guards_every_api_call(env: WebEnv) -> None:
+    app = create_app(env.lm, settings=WebSettings(token="s3cret"), **env.selector_kwargs)
+    with TestClient(app, base_url=LOCAL) as c:
+        assert c.get("/api/health").status_code == 401
+        assert c.post("/api/documents", json={"text": "x"}).status_code == 401
+        assert c.get("/api/health", headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/api/health", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/static/app.js").status_code == 200  # the page's assets are public
+        page = c.get("/?token=s3cret")  # a browser opens the page once with the token...
+        assert page.status_code == 200 and page.cookies.get("oprm_token") == "s3cret"
+        assert c.get("/api/health").status_code == 200  # ...and its cookie carries the API calls
+
+
+def test_binding_beyond_loopback_requires_a_token(capsys, monkeypatch) -> None:
+    monkeypatch.delenv("OPRM_WEB_TOKEN", raising=False)
+    assert main(["--host", "0.0.0.0", "--port", "0"]) == 2
+    assert "token" in capsys.readouterr().err
