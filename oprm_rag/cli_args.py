@@ -158,7 +158,7 @@ def _load_engine(args: argparse.Namespace) -> Any:
     except KeyboardInterrupt:
         raise
     except ModelLoadError as exc:
-        raise CLIError(str(exc), EXIT_MODEL) from exc
+        raise CLIError(f"could not load the model {path!r}: {exc}", EXIT_MODEL) from exc
     except Exception as exc:  # noqa: BLE001 - anything else from transformers / torch while loading
         raise CLIError(f"could not load the model {path!r}: {type(exc).__name__}: {exc}", EXIT_MODEL) from exc
 

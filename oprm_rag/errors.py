@@ -16,6 +16,7 @@ __all__ = [
     "OPRMError",
     "InputError",
     "OptionError",
+    "InputTypeError",
     "DocumentError",
     "ModelLoadError",
     "StateFormatError",
@@ -41,6 +42,11 @@ class OptionError(InputError, TypeError):
     Both a ``TypeError`` (Python's convention for a bad argument) and an ``InputError``
     (the user's mistake, reported as such by the CLI and the web app).
     """
+
+
+class InputTypeError(InputError, TypeError):
+    """An argument of the wrong type (a document that is not a string, a question that is
+    not text): a ``TypeError`` by Python's convention, and the user's mistake."""
 
 
 class DocumentError(InputError):

@@ -39,20 +39,6 @@ PREFILL_SLICE = 4096
 UNBOUNDED_CONTEXT = 1 << 20
 
 
-def _resolve_dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return None
-    try:
-        value = getattr(torch, str(dtype).replace("torch.", ""))
-    except AttributeError:
-        value = None
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    return value
-
-
 class RecurrentLM:
     """A causal LM (recurrent or not) with its tokenizer, run from explicit states.
 
@@ -107,36 +93,25 @@ class RecurrentLM:
         kernels: str = "auto",
         collapse_mitigation: "CollapseMitigation | str | None" = None,
         trust_remote_code: bool = False,
+        allow_missing_weights: bool = False,
         prompt: PromptTemplate | None = None,
         **hf_kwargs: Any,
     ) -> "RecurrentLM":
-        """Load a model and its tokenizer through transformers.
+        """Load a model and its tokenizer through transformers, checked.
 
         ``device_map``, ``torch_dtype`` / ``dtype`` and ``quantization_config`` pass
-        through. ``trust_remote_code`` stays off unless you set it.
+        through. ``trust_remote_code`` stays off unless you set it. Weights that do not
+        match the architecture (missing, unexpected, wrongly shaped), a truncated
+        weights file or a broken config raise :class:`~oprm_rag.errors.ModelLoadError`
+        naming them, instead of loading a partly random model; ``allow_missing_weights``
+        opts in to that on purpose (see :mod:`oprm_rag.loading`).
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from .loading import load_model_and_tokenizer
 
         path = str(name_or_path)
-        if "torch_dtype" in hf_kwargs and dtype is None:
-            dtype = hf_kwargs.pop("torch_dtype")
-        resolved = _resolve_dtype(dtype)
-        model_kwargs = dict(hf_kwargs)
-        model_kwargs["trust_remote_code"] = trust_remote_code
-        if resolved is not None:
-            model_kwargs["dtype"] = resolved
-        tok_kwargs = {k: model_kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only",
-                                                   "gguf_file") if k in model_kwargs}
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **tok_kwargs)
-            model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
-        except OSError as exc:
-            raise OSError(
-                f"Could not load a model from {path!r}: {exc}\nGive a local folder with config.json, "
-                "weights and tokenizer files, or a hub name on a machine that can download it."
-            ) from exc
-        if device is not None and "device_map" not in model_kwargs:
-            model = model.to(device)
+        model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, device=device,
+                                                    trust_remote_code=trust_remote_code,
+                                                    allow_missing_weights=allow_missing_weights, **hf_kwargs)
         return cls(model, tokenizer, name=path, kernels=kernels, collapse_mitigation=collapse_mitigation,
                    prompt=prompt)
 

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from .cache import Claim, DocStates, cache_key
+from .cache import Claim, DocStates, DiskEntry, EntryWriter, cache_key
 from .chunking import DocumentTokens, chunk_document
 from .engine import Engine, Extension
-from .errors import InputError, NonFiniteScoresError
+from .errors import InputError, NonFiniteScoresError, StateFormatError
 from .results import Chunk, ChunkScore, SelectionResult, Usage
 from .scoring import CandidatePool, drop_reason
 
@@ -67,7 +67,7 @@ class ScoredRow:
     logits: Any
 
 
-@dataclass
+@dataclass(eq=False)
 class Document:
     """A document as the run sees it: its tokens, its chunks, and its cache entry."""
 
@@ -76,8 +76,9 @@ class Document:
     chunks: list[Chunk]
     key: str | None = None
     claim: Claim | None = None
-    cached: DocStates | None = None
-    collected: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    cached: DocStates | DiskEntry | None = None
+    writer: EntryWriter | None = None  # streams this document's chunk states into the cache
+    added: int = 0
 
 
 @dataclass
@@ -169,11 +170,13 @@ class ScoringRun:
             for d in pending:  # another thread was computing these: take its result, or compute
                 assert d.claim is not None and self.cache is not None
                 d.claim = self.cache.wait(d.claim, engine.identity)
-                d.cached = d.claim.entry
+                self._take(d)
                 yield from self._process([d], progress)
         except BaseException:
             for d in self.docs:
-                if d.claim is not None and d.claim.status == "own" and self.cache is not None:
+                if d.writer is not None:
+                    d.writer.abort()
+                elif d.claim is not None and d.claim.status == "own" and self.cache is not None:
                     self.cache.abandon(d.claim.key)
             raise
         finally:
@@ -196,13 +199,21 @@ class ScoringRun:
                 continue  # too big to keep: stream it, memory stays bounded
             d.key = cache_key(self.engine.identity, self.prefix_ids, self.chunking, d.tokens.token_ids)
             d.claim = self.cache.claim(d.key, self.engine.identity)
-            if d.claim.status == "hit":
-                assert d.claim.entry is not None
-                if [tuple(s) for s in d.claim.entry.spans] != [(c.token_start, c.token_end) for c in d.chunks]:
-                    logger.warning("cached chunk spans differ from this chunking; recomputing")
-                    d.claim = Claim("own", d.key)
-                else:
-                    d.cached = d.claim.entry
+            self._take(d)
+
+    def _take(self, d: Document) -> None:
+        """Use a cache hit, or open a writer for the chunk states this run computes."""
+        assert self.cache is not None and d.claim is not None and d.key is not None
+        spans = [(c.token_start, c.token_end) for c in d.chunks]
+        if d.claim.status == "hit":
+            assert d.claim.entry is not None
+            if [tuple(s) for s in d.claim.entry.spans] == spans:
+                d.cached = d.claim.entry
+                return
+            logger.warning("cached chunk spans differ from this chunking; recomputing")
+            d.claim = Claim("own", d.key)
+        if d.claim.status == "own":
+            d.writer = self.cache.open_writer(d.key, self.engine.identity, spans, {"chunking": str(self.chunking)})
 
     def _process(self, docs: list[Document], progress: Any) -> Iterator[list[ScoredRow]]:
         items = [(d, c) for d in docs for c in d.chunks]
@@ -214,29 +225,31 @@ class ScoringRun:
                 for q, _ in self._of.get(d.uid, []):
                     if computed[r] and self.engine.stores_states:
                         q.tokens += c.num_tokens
-                    elif d.cached is not None:
+                    elif not computed[r]:
                         q.cached_chunks += 1
-                if d.claim is not None and d.claim.status == "own":
-                    d.collected[c.index] = (self.engine.select_states(states, r),
-                                            end_logits[r] if end_logits is not None else None)
-                    if len(d.collected) == len(d.chunks):
-                        self._store(d)
+            self._store(part, states, end_logits, computed)
             rows = self._question_pass(part, states, end_logits)
             if progress is not None:
                 progress.update(len(part))
             yield rows
 
-    def _store(self, d: Document) -> None:
-        import torch
-
-        assert self.cache is not None and d.key is not None
-        rows = [d.collected[i] for i in range(len(d.chunks))]  # chunk order, whatever the batch order was
-        states = self.engine.cat_states([s for s, _ in rows])
-        logits = torch.stack([lg for _, lg in rows]) if rows[0][1] is not None else torch.zeros(0)
-        self.cache.put(d.key, DocStates(states, logits, [(c.token_start, c.token_end) for c in d.chunks]),
-                       self.engine.identity, {"chunking": str(self.chunking)})
-        d.collected = {}
-        d.claim = Claim("hit", d.key)
+    def _store(self, part: list[tuple[Document, Chunk]], states: Any, end_logits: Any, computed: list[bool]) -> None:
+        """Stream this batch's computed chunk states into their documents' cache writers:
+        memory with a cache stays within its budget plus one batch, whatever the document."""
+        by_doc: dict[int, list[int]] = {}
+        for r, (d, _) in enumerate(part):
+            if d.writer is not None and computed[r]:
+                by_doc.setdefault(d.uid, []).append(r)
+        for rows in by_doc.values():
+            d = part[rows[0]][0]
+            assert d.writer is not None
+            d.writer.add([part[r][1].index for r in rows], self.engine.select_states(states, rows),
+                         end_logits[rows] if end_logits is not None else None)
+            d.added += len(rows)
+            if d.added == len(d.chunks):
+                d.writer.commit()
+                d.writer = None
+                d.claim = Claim("hit", d.key)
 
     def _chunk_states(self, part: list[tuple[Document, Chunk]]) -> tuple[Any, Any, list[bool]]:
         """States after [P, C_i] for a batch of chunks: from the cache, or one model call.
@@ -247,9 +260,20 @@ class ScoringRun:
         import torch
 
         engine = self.engine
-        have: list[Any] = [d.cached.states.select(c.index) if d.cached is not None else None for d, c in part]
-        logits: list[Any] = [d.cached.chunk_end_logits[c.index] if d.cached is not None
-                             and d.cached.chunk_end_logits.numel() else None for d, c in part]
+        have: list[Any] = [None] * len(part)
+        logits: list[Any] = [None] * len(part)
+        for d, rows in _rows_by_document(part).items():
+            if d.cached is None:
+                continue
+            try:
+                st, lg = d.cached.rows([part[r][1].index for r in rows])
+            except StateFormatError as exc:  # the file changed under us: compute these chunks
+                logger.warning("cached chunk states unreadable (%s); computing them", exc)
+                d.cached = None
+                continue
+            for j, r in enumerate(rows):
+                have[r] = engine.select_states(st, j)
+                logits[r] = lg[j] if lg is not None else None
         todo = [r for r, s in enumerate(have) if s is None]
         if todo:
             want = "last" if (engine.stores_states or self.need_logits) else "none"
@@ -341,6 +365,13 @@ class ScoringRun:
                       entropy_exact=q.exact)
         return SelectionResult(q.text, scores, [c.score for c in cands], all_idk, idk_word, usage,
                                fallback_used, Winners(cands, list(self.prefix_ids), list(q.ids)))
+
+
+def _rows_by_document(part: list[tuple[Document, Chunk]]) -> dict[Document, list[int]]:
+    out: dict[Document, list[int]] = {}
+    for r, (d, _) in enumerate(part):
+        out.setdefault(d, []).append(r)
+    return out
 
 
 def tokenize_document(engine: Engine, text: str, uid: int, chunk: "ChunkSize", options: "SelectorOptions") -> Document:

@@ -21,7 +21,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from .engine import Engine
-from .errors import InputError, OptionError
+from .errors import InputError, InputTypeError, OptionError
 from .generation import GenerationConfig
 from .options import SelectorOptions
 from .pipeline import Candidate, Question, ScoringRun, Winners, tokenize_document
@@ -121,13 +121,13 @@ class OPRMSelector:
         if isinstance(documents, str):
             documents = [documents]
         if documents is None or not isinstance(documents, (list, tuple)):
-            raise InputError("documents must be a string or a list of strings")
+            raise InputTypeError("documents must be a string or a list of strings")
         if not documents:
             raise InputError("no documents were given: pass at least one non-empty text")
         out = []
         for i, d in enumerate(documents):
             if not isinstance(d, str):
-                raise InputError(f"document {i} is {type(d).__name__}, not str; pass the text itself")
+                raise InputTypeError(f"document {i} is {type(d).__name__}, not str; pass the text itself")
             _check_text(d, f"document {i}")
             if not d.strip():
                 raise InputError(f"document {i} is empty or only whitespace")
@@ -137,7 +137,7 @@ class OPRMSelector:
     @staticmethod
     def _question(question: Any) -> str:
         if not isinstance(question, str):
-            raise InputError(f"the question must be a string, got {type(question).__name__}")
+            raise InputTypeError(f"the question must be a string, got {type(question).__name__}")
         _check_text(question, "the question")
         if not question.strip():
             raise InputError("the question is empty")

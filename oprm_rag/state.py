@@ -16,13 +16,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+from .errors import StateFormatError  # re-exported: it lived here before errors.py
+
 __all__ = ["RecurrentState", "StateFormatError"]
 
 _FAMILY_KEY = "oprm_rag.family"
-
-
-class StateFormatError(ValueError):
-    """A saved state file is corrupt, truncated or of another model."""
 
 
 @dataclass

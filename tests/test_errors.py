@@ -62,7 +62,7 @@ def test_chunk_tokens_beyond_a_transformers_position_limit(load_lm):
 
 
 def test_idk_word_the_tokenizer_cannot_start(load_lm):
-    with pytest.raises(ValueError, match="idk_word must be a non-empty word"):
+    with pytest.raises(ValueError, match="idk_word must be a non-empty string"):
         OPRMSelector(load_lm("mamba"), idk_word="   ")
 
 
@@ -72,7 +72,9 @@ def test_wrapping_needs_model_and_tokenizer(load_lm):
 
 
 def test_missing_model_folder_says_what_to_give(tmp_path):
-    with pytest.raises(OSError, match="local folder"):
+    from oprm_rag.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="no such folder"):
         RecurrentLM.from_pretrained(tmp_path / "nope")
 
 

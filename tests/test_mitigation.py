@@ -14,7 +14,7 @@ def _ids(t=40, seed=0):
 
 @pytest.mark.parametrize("mit", [
     CollapseMitigation(alpha_scale=1.0, b_scale=1.0),
-    CollapseMitigation(window=10**5),
+    CollapseMitigation(window=4096),  # longer than the 40-token input: no effect
 ])
 def test_neutral_settings_are_exactly_the_plain_model(load_lm, mit):
     lm = load_lm("mamba2")
@@ -67,3 +67,58 @@ def test_bad_mitigation_settings():
         CollapseMitigation(normalize_state=True, window=8)
     with pytest.raises(ValueError, match="window"):
         CollapseMitigation(window=0)
+
+
+# ---------------------------------------------------------------- the window's memory (issue 16)
+def test_a_window_longer_than_any_training_context_is_refused_at_once():
+    from oprm_rag.errors import InputError
+    from oprm_rag.mitigation import MAX_WINDOW_TOKENS
+
+    with pytest.raises(InputError, match="at most 65,536") as info:
+        CollapseMitigation(window=10**6)
+    assert "window=1,000,000" in str(info.value)
+    with pytest.raises(InputError):
+        CollapseMitigation.parse(f"window:{MAX_WINDOW_TOKENS + 1}")
+    assert CollapseMitigation(window=MAX_WINDOW_TOKENS).window == MAX_WINDOW_TOKENS
+
+
+@pytest.mark.parametrize("bad", [8.5, "8", True, -3])
+def test_window_must_be_a_whole_number_of_tokens(bad):
+    from oprm_rag.errors import InputError
+
+    with pytest.raises(InputError, match="window"):
+        CollapseMitigation(window=bad)
+
+
+def test_window_state_memory_is_counted_and_checked_against_the_limit(model_dir):
+    from oprm_rag.errors import InputError
+
+    lm = RecurrentLM.from_pretrained(model_dir("mamba2"))
+    cfg = lm.model.config
+    per_token = cfg.num_hidden_layers * cfg.num_heads * (cfg.head_dim + cfg.state_size + 1) * 4
+    mit = CollapseMitigation(window=60_000, max_state_bytes=2**26)
+    assert mit.window_state_bytes(lm.model) == 59_999 * per_token
+    # the figure is the real one: a backend's empty window state has exactly that size
+    small = CollapseMitigation(window=9)
+    assert small.window_state_bytes(lm.model) == \
+        Mamba2Backend(lm.model, mitigation=small).empty_state(1).nbytes - _conv_bytes(lm)
+    with pytest.raises(InputError, match="max_state_bytes") as info:
+        mit.check_for_model(lm.model)
+    text = str(info.value)
+    assert "91.6 MiB" in text and "64.0 MiB" in text and f"{(2**26) // per_token + 1:,}" in text
+    CollapseMitigation(window=4096).check_for_model(lm.model)  # fits: no error
+    CollapseMitigation(alpha_scale=0.9).check_for_model(lm.model)  # no window: nothing to check
+
+
+def _conv_bytes(lm):
+    st = Mamba2Backend(lm.model).empty_state(1)
+    return sum(t.numel() * t.element_size() for k, t in st.tensors.items() if not k.startswith("ssm."))
+
+
+def test_loading_a_model_with_a_window_too_big_for_memory_fails_before_allocating(model_dir):
+    """Needs Mamba2Backend to call ``mitigation.check_for_model(model)`` (issue 16 wiring)."""
+    from oprm_rag.errors import InputError
+
+    with pytest.raises(InputError, match="max_state_bytes"):
+        RecurrentLM.from_pretrained(model_dir("mamba2"),
+                                    collapse_mitigation=CollapseMitigation(window=60_000, max_state_bytes=2**26))

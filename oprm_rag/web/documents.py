@@ -8,17 +8,16 @@ used documents once a count or a total-character budget is passed.
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import PurePosixPath, PureWindowsPath
 
-from ..readers import DocumentError, read_document
+from ..readers import DocumentError, SourceDocument, document_from_bytes
 
-__all__ = ["DocumentError", "StoredDocument", "DocumentStore", "read_upload", "clean_name",
+__all__ = ["DocumentError", "StoredDocument", "DocumentStore", "read_upload", "read_upload_document", "clean_name",
            "TEXT_SUFFIXES", "PDF_SUFFIX"]
 
 #: File endings read as plain text (Markdown is searched as written, markup included).
@@ -38,62 +37,29 @@ def clean_name(name: str | None, default: str = "document") -> str:
     return printable[:200] or default
 
 
-def _decode_text(name: str, data: bytes) -> str:
-    """UTF-8 (a byte-order mark dropped), else Latin-1, as the engine's file reader does.
+def read_upload_document(name: str, data: bytes, content_type: str | None = None) -> SourceDocument:
+    """An uploaded file as a :class:`~oprm_rag.readers.SourceDocument` (text and warnings).
 
-    Latin-1 decodes any bytes, so a binary file renamed ``.txt`` would become noise that
-    the model scores as prose; NUL bytes never occur in text files, so they reject it.
-    """
-    if b"\x00" in data[:65536]:
-        raise DocumentError(f"{name}: this looks like a binary file, not text; upload a .txt, .md or .pdf file")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
-
-
-def _read_pdf_bytes(name: str, data: bytes) -> str:
-    """Extract a PDF's text through the engine's reader (it takes a path: use a temp file).
-
-    Uploads are untrusted, and pypdf raises many kinds of errors on damaged files; any
-    failure here means "not a readable PDF", said with the upload's name rather than the
-    temporary path.
-    """
-    with tempfile.TemporaryDirectory(prefix="oprm-web-") as tmp:
-        path = Path(tmp) / "upload.pdf"
-        path.write_bytes(data)
-        try:
-            text = read_document(path).text
-        except DocumentError as exc:
-            message = str(exc).replace(str(path), name)
-            if "is empty" in message:
-                message = (f"{name}: the PDF has no text layer (a scanned PDF holds only images); "
-                           "run OCR on it first or paste its text")
-            raise DocumentError(message) from exc
-        except Exception as exc:  # noqa: BLE001 - any parser failure on an untrusted upload
-            raise DocumentError(f"{name}: not a readable PDF ({exc.__class__.__name__}: {exc})") from exc
-    return text
-
-
-def read_upload(name: str, data: bytes, content_type: str | None = None) -> str:
-    """The text of an uploaded file, chosen by its ending (or content type when it has none).
-
-    Raises ``DocumentError`` with a message meant for the person who uploaded it.
+    The ending (or the content type when there is none) decides which files the server
+    takes; the bytes are then read by :func:`oprm_rag.readers.document_from_bytes`, the
+    same rules as the CLI's: binary refused, UTF-8 kept through a bad byte, every PDF
+    refusal one line. Raises ``DocumentError`` with a message for the person uploading.
     """
     suffix = PurePosixPath(name).suffix.lower()
     ctype = (content_type or "").split(";")[0].strip().lower()
     if not data:
         raise DocumentError(f"{name}: the file is empty (no text to search)")
     if suffix == PDF_SUFFIX or (not suffix and ctype == "application/pdf"):
-        text = _read_pdf_bytes(name, data)
-    elif suffix in TEXT_SUFFIXES or (not suffix and ctype.startswith("text/")):
-        text = _decode_text(name, data)
-    else:
-        shown = suffix or "a file without an ending"
-        raise DocumentError(f"{name}: cannot read {shown}; upload a .txt, .md or .pdf file, or paste the text")
-    if not text.strip():
-        raise DocumentError(f"{name}: the document is empty (no text to search)")
-    return text
+        return document_from_bytes(name, data, kind="pdf")
+    if suffix in TEXT_SUFFIXES or (not suffix and ctype.startswith("text/")):
+        return document_from_bytes(name, data, kind="text")
+    shown = suffix or "a file without an ending"
+    raise DocumentError(f"{name}: cannot read {shown}; upload a .txt, .md or .pdf file, or paste the text")
+
+
+def read_upload(name: str, data: bytes, content_type: str | None = None) -> str:
+    """The text of an uploaded file (see :func:`read_upload_document`)."""
+    return read_upload_document(name, data, content_type).text
 
 
 @dataclass(frozen=True)

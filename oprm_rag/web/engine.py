@@ -75,8 +75,6 @@ class SelectorService:
 
                 try:
                     lm = resolve_lm(self._model, **self.load_options)
-                except ModelLoadError:
-                    raise
                 except Exception as exc:  # noqa: BLE001 - transformers/torch raise many kinds on a bad folder
                     raise ModelLoadError(f"could not load the model {self.model_name!r}: "
                                          f"{type(exc).__name__}: {exc}") from exc

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from langchain_core.documents import Document
+from oprm_rag.errors import ModelLoadError
 from pydantic import ValidationError
 
 from langchain_oprm import ChatRecurrent, OPRMCompressor, OPRMSelector, RecurrentLLM, create_oprm_qa_chain, oprm_tool
@@ -32,7 +33,7 @@ def test_nothing_loads_at_construction() -> None:
     assert sel.model_name == MISSING and comp.model_name == MISSING
     assert chain is not None and tool.name == "oprm_search"
     # The model loads on first use, and a missing folder says so then.
-    with pytest.raises(OSError, match="Could not load a model"):
+    with pytest.raises(ModelLoadError, match="no such folder"):
         chat.invoke("hi")
 
 

@@ -1,0 +1,352 @@
+"""Load a model and its tokenizer, or fail with a message that says what is wrong.
+
+transformers is lenient where we cannot be: weights that do not match the architecture
+are initialised at random with a printed report, a folder without tokenizer files gets
+an empty tokenizer, and a hub name without a network retries for half a minute before
+a traceback. A random model then answers gibberish with a straight face. So
+:func:`load_model_and_tokenizer` checks before and after transformers loads:
+
+* before, for a local folder: ``config.json`` is a JSON object with a ``model_type``;
+  some tokenizer file is there; every safetensors weights file (and every shard an
+  index names) is present and exactly as long as its header says (a truncated download
+  is named, file by file);
+* after: the loading info (``output_loading_info=True``) has no missing, unexpected or
+  wrongly-shaped weights and no load errors (weights tied to the embeddings are not
+  missing: transformers reports them as loaded), and the tokenizer turns text into
+  tokens. ``allow_missing_weights=True`` is the explicit opt-in to load anyway;
+* a name that is not a local folder is looked up in the Hugging Face cache first; if it
+  is not there and downloads are off (``HF_HUB_OFFLINE``) or the hub cannot be reached,
+  one line says so instead of retries and a traceback;
+* ``device_map`` needs accelerate; without it the error names the extra to install.
+
+Every failure is a :class:`~oprm_rag.errors.ModelLoadError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import socket
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .errors import ModelLoadError
+
+__all__ = ["load_model_and_tokenizer", "check_model_folder", "ACCELERATE_EXTRA"]
+
+logger = logging.getLogger("oprm_rag")
+
+#: The optional extra that installs accelerate (needed by ``device_map``).
+ACCELERATE_EXTRA = "accelerate"
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+_TOKENIZER_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "gguf_file", "subfolder")
+_SAFETENSORS_MAX_HEADER = 100 * 2**20  # safetensors' own limit
+_SHOW = 8  # weight names listed in a message
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return (text[:limit] + "...") if len(text) > limit else (text or exc.__class__.__name__)
+
+
+def _names(keys: Any) -> str:
+    keys = sorted(str(k) for k in keys)
+    shown = ", ".join(keys[:_SHOW])
+    return shown + (f" and {len(keys) - _SHOW} more" if len(keys) > _SHOW else "")
+
+
+# ---------------------------------------------------------------------------- folder checks
+def _check_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{folder}: no config.json; a model folder needs config.json, weights and "
+                             "tokenizer files (as save_pretrained writes them)")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}: cannot be read ({_one_line(exc)})") from exc
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                             "restore it from the original model") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(config).__name__}, not an object; "
+                             "restore it from the original model")
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise ModelLoadError(f"{path} has no \"model_type\"; it is not a transformers model config")
+    return config
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    if any(n in names for n in _TOKENIZER_FILES) or any("vocab" in n.lower() or n.lower().startswith("tokenizer")
+                                                        for n in names):
+        return
+    raise ModelLoadError(f"{folder}: no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...); copy them "
+                         "from the model these weights came from (tokenizer.save_pretrained(folder))")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file (None when it is)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"it holds {size} bytes, less than a safetensors header"
+            (n,) = struct.unpack("<Q", head)
+            if n > _SAFETENSORS_MAX_HEADER or n > size - 8:
+                return f"it holds {size:,} bytes, too few for its own header ({n:,} bytes)"
+            header = json.loads(fh.read(n))
+    except OSError as exc:
+        return f"it cannot be read ({_one_line(exc)})"
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"its header is not valid ({_one_line(exc, 120)})"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    expected = 8 + n + (max(ends) if ends else 0)
+    if size != expected:
+        return f"it holds {size:,} bytes but its header describes {expected:,}"
+    return None
+
+
+def _check_weight_files(folder: Path) -> None:
+    problems: list[str] = []
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+            shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelLoadError(f"{index} is not a valid weights index ({_one_line(exc)})") from exc
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ModelLoadError(f"{folder}: weight shard(s) missing: {_names(missing)} (listed in {index.name}); "
+                                 "download them again")
+    for path in sorted(folder.glob("*.safetensors")):
+        why = _safetensors_problem(path)
+        if why is not None:
+            problems.append(f"{path.name} ({why})")
+    for path in sorted(folder.glob("*.bin")):  # torch's zip format: a cut-off file loses its central directory
+        try:
+            with open(path, "rb") as fh:
+                zipped = fh.read(4) == b"PK\x03\x04"
+        except OSError as exc:
+            problems.append(f"{path.name} (it cannot be read: {_one_line(exc)})")
+            continue
+        if zipped and not zipfile.is_zipfile(path):
+            problems.append(f"{path.name} (a zip archive without its end: cut off)")
+    if problems:
+        raise ModelLoadError(f"{folder}: truncated or damaged weights file(s): {'; '.join(problems)}; "
+                             "download or copy them again")
+
+
+def check_model_folder(folder: str | Path) -> dict[str, Any]:
+    """The checks made before loading a local folder; returns its config. Raises ModelLoadError."""
+    folder = Path(folder)
+    config = _check_config(folder)
+    _check_tokenizer_files(folder)
+    _check_weight_files(folder)
+    return config
+
+
+# ---------------------------------------------------------------------------- the hub
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_endpoint() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.ENDPOINT)
+    except ImportError:  # pragma: no cover
+        return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached from here (None when a TCP connection opens)."""
+    url = urlparse(_hub_endpoint())
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{host}: {exc.strerror or _one_line(exc)}"
+
+
+def _looks_local(name: str) -> bool:
+    return (name.startswith(("/", "./", "../", "~", "\\")) or name.count("/") > 1 or os.sep in name.replace("/", "")
+            or (len(name) > 1 and name[1] == ":"))
+
+
+# ---------------------------------------------------------------------------- loading
+def _resolve_dtype(dtype: Any) -> Any:
+    if dtype is None or dtype == "auto":
+        return dtype
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype):
+        from .errors import OptionError
+
+        raise OptionError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return value
+
+
+def _check_tokenizer(tokenizer: Any, name: str) -> None:
+    try:
+        ids = tokenizer("The code of alpha is 1234.", add_special_tokens=False)["input_ids"]
+    except Exception as exc:  # noqa: BLE001 - any tokenizer failure means unusable
+        raise ModelLoadError(f"{name}: the tokenizer cannot encode text ({_one_line(exc)})") from exc
+    if not ids:
+        raise ModelLoadError(f"{name}: the tokenizer turns text into no tokens (its vocabulary is empty); "
+                             "copy the tokenizer files of the model these weights came from")
+
+
+def _check_loading_info(model: Any, info: dict[str, Any], name: str, allow: bool) -> None:
+    missing = set(info.get("missing_keys") or ())
+    unexpected = set(info.get("unexpected_keys") or ())
+    mismatched = list(info.get("mismatched_keys") or ())
+    errors = [e for e in (info.get("error_msgs") or []) if e]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
+    if mismatched:
+        shown = [f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in sorted(mismatched)[:_SHOW]]
+        parts.append(f"{len(mismatched)} of the wrong shape ({'; '.join(shown)})")
+    if errors:
+        parts.append(f"load errors ({_one_line(errors[0], 200)})")
+    if not parts:
+        return
+    arch = type(model).__name__
+    what = f"{name}: the weights do not match the {arch} architecture: " + ", ".join(parts)
+    if allow:
+        logger.warning("%s; loading anyway (allow_missing_weights=True): those weights are random", what)
+        return
+    raise ModelLoadError(what + ". The model would run with random weights; check that config.json belongs to "
+                                "these weights, or pass allow_missing_weights=True to load it anyway")
+
+
+class _NoLoadReport(logging.Filter):
+    """Drops transformers' multi-line LOAD REPORT: the same facts come back as our one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def _load(name: str, trust_remote_code: bool, tok_kwargs: dict[str, Any], model_kwargs: dict[str, Any]
+          ) -> tuple[Any, Any, dict[str, Any]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **tok_kwargs)
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _NoLoadReport()
+    report_logger.addFilter(quiet)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(name, output_loading_info=True, **model_kwargs)
+    finally:
+        report_logger.removeFilter(quiet)
+    model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
+    return model, tokenizer, info
+
+
+def load_model_and_tokenizer(
+    path: str | Path,
+    *,
+    dtype: Any = None,
+    device: Any = None,
+    trust_remote_code: bool = False,
+    allow_missing_weights: bool = False,
+    **hf_kwargs: Any,
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a local folder or a hub name, checked (see the module doc).
+
+    ``dtype``: a ``torch.dtype``, its name (``"bfloat16"``) or ``"auto"``. ``device``: where
+    to move the model (ignored with ``device_map``). ``hf_kwargs`` go to
+    ``AutoModelForCausalLM.from_pretrained`` (``revision``, ``token``, ``cache_dir``,
+    ``local_files_only`` and ``gguf_file`` reach the tokenizer too). Raises
+    :class:`ModelLoadError` with one line; the model is returned in eval mode.
+    """
+    name = str(path)
+    hf_kwargs = dict(hf_kwargs)
+    if "torch_dtype" in hf_kwargs:
+        legacy = hf_kwargs.pop("torch_dtype")
+        dtype = legacy if dtype is None else dtype
+    if hf_kwargs.get("device_map") is not None and importlib.util.find_spec("accelerate") is None:
+        raise ModelLoadError(f"device_map={hf_kwargs['device_map']!r} needs the accelerate package: "
+                             f"pip install 'oprm-rag[{ACCELERATE_EXTRA}]' (or pass device= instead)")
+    local = Path(name).expanduser()
+    if local.is_dir():
+        name = str(local)
+        check_model_folder(local)
+    elif local.exists():
+        raise ModelLoadError(f"{name}: is a file; pass the model folder (config.json, weights, tokenizer files)")
+    elif _looks_local(name):
+        raise ModelLoadError(f"{name}: no such folder")
+
+    model_kwargs = dict(hf_kwargs)
+    model_kwargs["trust_remote_code"] = trust_remote_code
+    model_kwargs.setdefault("ignore_mismatched_sizes", True)  # report shapes ourselves, by name
+    resolved = _resolve_dtype(dtype)
+    if resolved is not None:
+        model_kwargs["dtype"] = resolved
+    tok_kwargs = {k: model_kwargs[k] for k in _TOKENIZER_KWARGS if k in model_kwargs}
+
+    try:
+        if local.is_dir() or hf_kwargs.get("local_files_only"):
+            model, tokenizer, info = _load(name, trust_remote_code, tok_kwargs, model_kwargs)
+        else:
+            model, tokenizer, info = _load_from_hub(name, trust_remote_code, tok_kwargs, model_kwargs)
+    except ModelLoadError:
+        raise
+    except ImportError as exc:
+        raise ModelLoadError(f"could not load {name!r}: a package is missing ({_one_line(exc)})") from exc
+    except Exception as exc:  # noqa: BLE001 - transformers/safetensors/torch raise many types here
+        raise ModelLoadError(f"could not load {name!r}: {_one_line(exc)}") from exc
+    _check_tokenizer(tokenizer, name)
+    _check_loading_info(model, info, name, allow_missing_weights)
+    if device is not None and hf_kwargs.get("device_map") is None:
+        try:
+            model = model.to(device)
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            raise ModelLoadError(f"could not move {name!r} to {device!r}: {_one_line(exc)}") from exc
+    model.eval()
+    return model, tokenizer
+
+
+def _load_from_hub(name: str, trust_remote_code: bool, tok_kwargs: dict[str, Any], model_kwargs: dict[str, Any]
+                   ) -> tuple[Any, Any, dict[str, Any]]:
+    """The Hugging Face cache first; the network only when it can answer."""
+    cached = {"local_files_only": True}
+    try:
+        return _load(name, trust_remote_code, {**tok_kwargs, **cached}, {**model_kwargs, **cached})
+    except OSError as exc:
+        first_error: BaseException = exc
+    fix = (f"download it where the hub is reachable (hf download {name} --local-dir DIR), copy DIR here "
+           "and pass that folder")
+    if _hub_offline():
+        raise ModelLoadError(f"{name!r} is not a local folder and not in the Hugging Face cache, and downloads "
+                             f"are off here (HF_HUB_OFFLINE=1, offline mode); {fix}") from first_error
+    why = _hub_unreachable()
+    if why is not None:
+        raise ModelLoadError(f"{name!r} is not a local folder and not in the Hugging Face cache, and the model "
+                             f"hub cannot be reached from this machine ({why}); {fix}") from first_error
+    return _load(name, trust_remote_code, tok_kwargs, model_kwargs)
