@@ -124,6 +124,13 @@ class ReplayBackend(Backend):
         new = RecurrentState(self.family, {"position": self._advance(state, t), "tokens": full})
         return ForwardOutput(logits.float(), new)
 
+    def append(self, state: RecurrentState, input_ids: torch.Tensor) -> RecurrentState:
+        """The state is the token prefix: appending runs nothing (the question pass replays it)."""
+        b, t = input_ids.shape
+        state = self.check_state(state, b)
+        full = torch.cat([state.tensors["tokens"], input_ids.to(self.device)], dim=1)
+        return RecurrentState(self.family, {"position": self._advance(state, t), "tokens": full})
+
     def session(self, state: RecurrentState) -> DecodeSession:
         return _CachedSession(self, state)
 
