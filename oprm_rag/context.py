@@ -156,6 +156,13 @@ class ModelContext(Engine):
             return None
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def forget(self) -> None:
+        """Drop the prefix-state and tokenisation memos (a cold start, as a benchmark wants)."""
+        with self._lock:
+            self._prefixes.clear()
+            self._encoded.clear()
+            self._encoded_bytes = 0
+
     # ------------------------------------------------------------------ running
     def has_prefix(self, prefix_ids: Sequence[int]) -> bool:
         with self._lock:

@@ -37,6 +37,10 @@ __all__ = ["ScoringRun", "ScoredRow", "Candidate", "Winners", "Document", "Quest
 
 logger = logging.getLogger("oprm_rag")
 
+#: Bytes of states one batch of cached chunk rows may hold (their question pass is all
+#: that runs for them, so more rows fit a batch than when chunks are computed).
+CACHED_BATCH_STATE_BYTES = 256 * 2**20
+
 
 @dataclass
 class Candidate:
@@ -59,12 +63,22 @@ class Winners:
 
 @dataclass
 class ScoredRow:
-    """One chunk scored for one question, with the state to decode from (summaries)."""
+    """One chunk scored for one question; its state and logits (to decode from, in
+    summaries) are taken from the batch only when asked for."""
 
     question: "Question"
     score: ChunkScore
-    state: Any
-    logits: Any
+    _engine: Engine = field(repr=False)
+    _batch: Extension = field(repr=False)
+    _row: int = 0
+
+    @property
+    def state(self) -> Any:
+        return self._engine.select_states(self._batch.states, self._row)
+
+    @property
+    def logits(self) -> Any:
+        return self._engine.row_logits(self._batch, self._row)
 
 
 @dataclass(eq=False)
@@ -136,6 +150,7 @@ class ScoringRun:
     ordered: bool = False
     prefix: Extension | None = None
     _of: dict[int, list[tuple[Question, int]]] = field(default_factory=dict)
+    _token_text: dict[int, str] = field(default_factory=dict)
 
     @property
     def need_logits(self) -> bool:
@@ -217,9 +232,7 @@ class ScoringRun:
 
     def _process(self, docs: list[Document], progress: Any) -> Iterator[list[ScoredRow]]:
         items = [(d, c) for d in docs for c in d.chunks]
-        for batch in plan_batches([c.num_tokens for _, c in items], self.options.max_batch_tokens,
-                                  self.engine.supports_left_padding, self.ordered):
-            part = [items[i] for i in batch]
+        for part in self._batches(items):
             states, end_logits, computed = self._chunk_states(part)
             for r, (d, c) in enumerate(part):
                 for q, _ in self._of.get(d.uid, []):
@@ -232,6 +245,37 @@ class ScoringRun:
             if progress is not None:
                 progress.update(len(part))
             yield rows
+
+    def _batches(self, items: list[tuple[Document, Chunk]]) -> Iterator[list[tuple[Document, Chunk]]]:
+        """Chunk rows to run together.
+
+        Rows whose chunk must be computed are batched by chunk length (``max_batch_tokens``).
+        Rows whose state comes from the cache cost only the question pass, so they batch
+        by the questions' tokens, capped by the state bytes a batch may hold: a follow-up
+        question over thousands of cached chunks is a few model calls, not one per
+        chunk-sized batch. Ordered runs (summaries) keep document order.
+        """
+        budget, can_pad = self.options.max_batch_tokens, self.engine.supports_left_padding
+        if self.ordered:
+            for batch in plan_batches([c.num_tokens for _, c in items], budget, can_pad, ordered=True):
+                yield [items[i] for i in batch]
+            return
+        fresh = [it for it in items if it[0].cached is None]
+        cached = [it for it in items if it[0].cached is not None]
+        for batch in plan_batches([c.num_tokens for _, c in fresh], budget, can_pad):
+            yield [fresh[i] for i in batch]
+        cap = max(1, CACHED_BATCH_STATE_BYTES // max(1, self.engine.state_nbytes))
+        part: list[tuple[Document, Chunk]] = []
+        cost = 0
+        for d, c in cached:
+            row = sum(len(q.ids) for q, _ in self._of.get(d.uid, [])) or 1
+            if part and (cost + row > budget or len(part) >= cap):
+                yield part
+                part, cost = [], 0
+            part.append((d, c))
+            cost += row
+        if part:
+            yield part
 
     def _store(self, part: list[tuple[Document, Chunk]], states: Any, end_logits: Any, computed: list[bool]) -> None:
         """Stream this batch's computed chunk states into their documents' cache writers:
@@ -254,14 +298,17 @@ class ScoringRun:
     def _chunk_states(self, part: list[tuple[Document, Chunk]]) -> tuple[Any, Any, list[bool]]:
         """States after [P, C_i] for a batch of chunks: from the cache, or one model call.
 
-        Returns the states, the logits after each chunk (stacked tensor, or None when the
-        engine did not compute them), and which rows were computed now.
+        Returns the states (one batch, rows in ``part``'s order), the logits after each
+        chunk (a stacked tensor, or None when the engine did not compute them), and which
+        rows were computed now. Each source (a cached document's rows, the model call)
+        arrives as one batch; they are joined with one concatenation and one reordering,
+        never row by row.
         """
         import torch
 
         engine = self.engine
-        have: list[Any] = [None] * len(part)
-        logits: list[Any] = [None] * len(part)
+        sources: list[tuple[Any, Any, list[int]]] = []  # (states, stacked logits or None, rows of part)
+        covered: set[int] = set()
         for d, rows in _rows_by_document(part).items():
             if d.cached is None:
                 continue
@@ -271,22 +318,29 @@ class ScoringRun:
                 logger.warning("cached chunk states unreadable (%s); computing them", exc)
                 d.cached = None
                 continue
-            for j, r in enumerate(rows):
-                have[r] = engine.select_states(st, j)
-                logits[r] = lg[j] if lg is not None else None
-        todo = [r for r, s in enumerate(have) if s is None]
+            sources.append((st, lg, rows))
+            covered.update(rows)
+        todo = [r for r in range(len(part)) if r not in covered]
         if todo:
             want = "last" if (engine.stores_states or self.need_logits) else "none"
             assert self.prefix is not None
             ext = engine.extend(self.prefix.states, [part[r][1].token_ids for r in todo], logits=want)
-            for j, r in enumerate(todo):
-                have[r] = engine.select_states(ext.states, j)
-                logits[r] = engine.row_logits(ext, j) if ext.logits is not None else None
-        states = engine.cat_states(have)
-        end = None
-        if all(lg is not None for lg in logits):
-            end = torch.stack([lg.to(logits[0].device) for lg in logits])
-        return states, end, [r in todo for r in range(len(part))]
+            lg = ext.logits
+            if lg is not None and not (isinstance(lg, torch.Tensor) and lg.dim() == 2):
+                lg = torch.stack([engine.row_logits(ext, j) for j in range(len(todo))])
+            sources.append((ext.states, lg, todo))
+        order = [r for _, _, rows in sources for r in rows]
+        if len(sources) == 1:
+            states, end = sources[0][0], sources[0][1]
+        else:
+            states = engine.cat_states([st for st, _, _ in sources])
+            logits = [lg for _, lg, _ in sources]
+            end = None if any(lg is None for lg in logits) else torch.cat([lg.to(logits[-1].device) for lg in logits])
+        if order != list(range(len(part))):
+            back = sorted(range(len(order)), key=order.__getitem__)  # position of each row of part
+            states = engine.select_states(states, back)
+            end = end[back] if end is not None else None
+        return states, end, [r in set(todo) for r in range(len(part))]
 
     def _question_pass(self, part: list[tuple[Document, Chunk]], states: Any, end_logits: Any) -> list[ScoredRow]:
         """Run Q from each chunk's state; score; offer to each question's pool."""
@@ -314,11 +368,12 @@ class ScoringRun:
                 q.exact = q.exact and first.exact
                 score = self._score(first, j, c.at(pos), qlp[j] if qlp is not None else None, q)
                 q.scores.append(score)
-                after_q = engine.select_states(ext.states, j)
-                logits_j = engine.row_logits(ext, j)
+                # States are copied out of the batch only for a candidate the pool keeps.
                 q.pool.offer(score, pos * 1e9 + c.token_start,
-                             Candidate(score, after_q, logits_j, engine.select_states(states, r)))
-                scored.append(ScoredRow(q, score, after_q, logits_j))
+                             lambda j=j, r=r, score=score: Candidate(
+                                 score, engine.select_states(ext.states, j), engine.row_logits(ext, j),
+                                 engine.select_states(states, r)))
+                scored.append(ScoredRow(q, score, engine, ext, j))
         return scored
 
     def _score(self, first: Any, j: int, chunk: Chunk, qlp: float | None, q: Question) -> ChunkScore:
@@ -326,13 +381,19 @@ class ScoringRun:
         finite = bool(first.finite[j])
         score = ChunkScore(
             chunk=chunk, entropy=float(first.entropy[j]), top_token_id=tid,
-            top_token=self.engine.decode([tid]) if finite else "", top_prob=float(first.top_prob[j]),
+            top_token=self._token(tid) if finite else "", top_prob=float(first.top_prob[j]),
             is_idk=finite and tid in self.idk_ids, idk_prob=float(first.idk_prob[j]), finite=finite,
             criterion=self.options.criterion, question_logprob=qlp,
             entropy_bounds=None if first.entropy_bounds is None else tuple(first.entropy_bounds[j]),
             input_ids=(self.prefix_ids + chunk.ids + q.ids) if self.return_inputs else None)
         score.dropped_by = drop_reason(score, self.options)
         return score
+
+    def _token(self, tid: int) -> str:
+        text = self._token_text.get(tid)
+        if text is None:
+            text = self._token_text[tid] = self.engine.decode([tid])
+        return text
 
     # ------------------------------------------------------------------ results
     def finish(self, q: Question, idk_word: str, remember: Any = None) -> SelectionResult:

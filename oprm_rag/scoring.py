@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -160,20 +160,30 @@ class CandidatePool:
         self._heap: list[_Entry] = []  # min-heap on -badness: the worst kept is on top
         self._fallback: _Entry | None = None
 
-    def offer(self, score: ChunkScore, order: float, item: Any) -> None:
-        """``order``: document position, earlier wins ties."""
+    def offer(self, score: ChunkScore, order: float, make: Callable[[], Any]) -> bool:
+        """Keep the candidate ``make()`` builds if it can still win; ``order``: document
+        position, earlier wins ties. ``make`` runs only for a kept candidate (it copies
+        states out of their batch). Returns whether it was kept."""
         if not score.finite:
-            return
+            return False
         if score.eligible:
-            entry = _Entry(-badness(score), -order, item)  # greater is better
+            entry = _Entry(-badness(score), -order, None)  # greater is better
             if len(self._heap) < self.k:
+                entry.item = make()
                 heapq.heappush(self._heap, entry)
-            elif entry > self._heap[0]:
+                return True
+            if entry > self._heap[0]:
+                entry.item = make()
                 heapq.heapreplace(self._heap, entry)
-        elif self.keep_fallback:
-            entry = _Entry(score.entropy, order, item)
+                return True
+            return False
+        if self.keep_fallback:
+            entry = _Entry(score.entropy, order, None)
             if self._fallback is None or entry < self._fallback:
+                entry.item = make()
                 self._fallback = entry
+                return True
+        return False
 
     def best(self) -> list[Any]:
         """Kept candidates, best first (ties: earlier in the document first)."""

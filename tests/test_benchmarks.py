@@ -48,8 +48,11 @@ def test_mamba1_scan_quick(tmp_path):
 
 def test_follow_up_quick(tmp_path):
     data = _run("follow_up", tmp_path)
-    assert data["same_answer"] is True  # the cached follow-up answers exactly as from scratch
-    assert _finite(data["speedup"], data["token_bound"])
+    assert [c["cache_tier"] for c in data["cases"]] == ["memory", "disk"]
+    for case in data["cases"]:
+        assert case["same_answer"] is True  # the cached follow-up answers exactly as from scratch
+        assert case["follow_up_cached_chunks"] == case["chunks"]  # every chunk state came from the cache
+        assert _finite(case["speedup"], case["token_bound"])
 
 
 def test_oprm_vs_plain_quick(tmp_path):
