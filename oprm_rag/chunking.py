@@ -23,15 +23,23 @@ _SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
 
 @dataclass(frozen=True, eq=False)
 class DocumentTokens:
-    """A document's text, its token ids [n] and each token's char span [n, 2] (int64 arrays)."""
+    """A document's text, its token ids [n] and each token's char span [n, 2] (int32 arrays)."""
 
     text: str
     token_ids: np.ndarray
     offsets: np.ndarray
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "token_ids", np.asarray(self.token_ids, dtype=np.int64).reshape(-1))
-        object.__setattr__(self, "offsets", np.asarray(self.offsets, dtype=np.int64).reshape(-1, 2))
+        # int32: a vocabulary and a document's char count fit; half the memory of int64
+        object.__setattr__(self, "token_ids", _int32(self.token_ids).reshape(-1))
+        object.__setattr__(self, "offsets", _int32(self.offsets).reshape(-1, 2))
+
+
+def _int32(values: object) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.size and (arr.max() >= 2**31 or arr.min() < -(2**31)):
+        raise ValueError("token ids and offsets must fit in 32 bits")
+    return arr.astype(np.int32, copy=False)
 
 
 def _char_span(doc: DocumentTokens, start: int, end: int) -> tuple[int, int]:
@@ -100,5 +108,5 @@ def chunk_document(
     chunks = []
     for i, (a, b) in enumerate(bounds):
         lo, hi = _char_span(doc, a, b)
-        chunks.append(Chunk(doc_index, i, a, b, lo, hi, doc.text[lo:hi], doc.token_ids[a:b]))
+        chunks.append(Chunk(doc_index, i, a, b, lo, hi, doc.text, doc.token_ids[a:b]))
     return chunks

@@ -24,6 +24,7 @@ import numpy as np
 from .cache import Claim, DocStates, DiskEntry, EntryWriter, cache_key
 from .chunking import DocumentTokens, chunk_document
 from .engine import Engine, Extension
+from .memory import release_free_memory
 from .errors import InputError, NonFiniteScoresError, StateFormatError
 from .results import Chunk, ChunkScore, SelectionResult, Usage
 from .scoring import CandidatePool, drop_reason
@@ -86,7 +87,7 @@ class Document:
     """A document as the run sees it: its tokens, its chunks, and its cache entry."""
 
     uid: int
-    tokens: DocumentTokens
+    token_ids: "np.ndarray"  # the whole document's (its offsets are not kept once it is chunked)
     chunks: list[Chunk]
     key: str | None = None
     claim: Claim | None = None
@@ -212,7 +213,7 @@ class ScoringRun:
         for d in self.docs:
             if not self.cache.fits(per_chunk * len(d.chunks)):
                 continue  # too big to keep: stream it, memory stays bounded
-            d.key = cache_key(self.engine.identity, self.prefix_ids, self.chunking, d.tokens.token_ids)
+            d.key = cache_key(self.engine.identity, self.prefix_ids, self.chunking, d.token_ids)
             d.claim = self.cache.claim(d.key, self.engine.identity)
             self._take(d)
 
@@ -234,6 +235,7 @@ class ScoringRun:
         items = [(d, c) for d in docs for c in d.chunks]
         for part in self._batches(items):
             states, end_logits, computed = self._chunk_states(part)
+            release_free_memory()
             for r, (d, c) in enumerate(part):
                 for q, _ in self._of.get(d.uid, []):
                     if computed[r] and self.engine.stores_states:
@@ -242,6 +244,8 @@ class ScoringRun:
                         q.cached_chunks += 1
             self._store(part, states, end_logits, computed)
             rows = self._question_pass(part, states, end_logits)
+            del states, end_logits
+            release_free_memory()  # peak memory must not creep up with the number of batches
             if progress is not None:
                 progress.update(len(part))
             yield rows
@@ -440,7 +444,8 @@ def tokenize_document(engine: Engine, text: str, uid: int, chunk: "ChunkSize", o
     ids, offsets = engine.encode_with_offsets(text)
     if not len(ids):
         raise InputError(f"document {uid} has no tokens")
-    toks = DocumentTokens(text, np.asarray(ids), np.asarray(offsets))
+    toks = DocumentTokens(text, ids, offsets)
+    del ids, offsets
     chunks = chunk_document(toks, uid, chunk.tokens, options.chunk_overlap, options.boundary,
                             options.boundary_tolerance)
-    return Document(uid, toks, chunks)
+    return Document(uid, toks.token_ids, chunks)

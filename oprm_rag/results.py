@@ -32,8 +32,9 @@ DropReason = Literal["idk", "idk_threshold", "entropy_threshold", "nonfinite"]
 @dataclass(frozen=True, eq=False)
 class Chunk:
     """A slice of one document: ``token_ids`` are ``document_ids[token_start:token_end]``
-    (a view of the document's array: chunking a long document copies no tokens), and
-    ``text`` is ``document[char_start:char_end]``."""
+    and ``text`` is ``document[char_start:char_end]``. Both are views of the document
+    (its token array, its text), taken when asked: chunking a long document copies no
+    tokens and no text, so memory does not grow with the number of chunks."""
 
     doc_index: int
     index: int
@@ -41,8 +42,12 @@ class Chunk:
     token_end: int
     char_start: int
     char_end: int
-    text: str
-    token_ids: np.ndarray
+    source: str = field(repr=False)  # the whole document's text
+    token_ids: np.ndarray = field(repr=False)
+
+    @property
+    def text(self) -> str:
+        return self.source[self.char_start:self.char_end]
 
     @property
     def num_tokens(self) -> int:
