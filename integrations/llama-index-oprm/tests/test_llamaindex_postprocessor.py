@@ -7,6 +7,7 @@ import threading
 from typing import Any, List
 
 import pytest
+from oprm_rag.errors import ModelLoadError
 from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent
 from llama_index.core.schema import Document, MetadataMode, NodeRelationship, NodeWithScore, QueryBundle, TextNode
@@ -32,7 +33,7 @@ def test_constructors_do_not_load_weights(tmp_path):
     qe = OPRMQueryEngine.from_documents([Document(text="x")], model=missing)
     assert len(loaded_models()) == before
     assert pp.model == llm.model == qe.model == missing
-    with pytest.raises(OSError):  # the path is only tried on first use
+    with pytest.raises(ModelLoadError, match="no such folder"):  # the path is only tried on first use
         _ = pp.lm
 
 

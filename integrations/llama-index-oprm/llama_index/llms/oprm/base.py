@@ -70,6 +70,16 @@ class RecurrentLLM(LazyModel, CustomLLM):
     model_kwargs: Dict[str, Any] = Field(
         default_factory=dict, description="Options for loading a path (device, dtype, kernels, ...).")
 
+    def __init__(self, model: Any = None, **kwargs: Any) -> None:
+        from oprm_rag.engine import Engine
+
+        if isinstance(model, Engine) and getattr(model, "lm", None) is None:
+            raise TypeError(f"RecurrentLLM decodes in this process; {model.name} is a served model: use "
+                            "LlamaIndex's OpenAILike(api_base=..., model=...) on the same server")
+        if isinstance(model, Engine):
+            model = model.lm  # an in-process engine: its RecurrentLM
+        super().__init__(**({} if model is None else {"model": model}), **kwargs)
+
     @classmethod
     def class_name(cls) -> str:
         return "RecurrentLLM"

@@ -19,14 +19,16 @@ from llama_index.core.bridge.pydantic import BaseModel, Field, PrivateAttr
 from oprm_rag import DEMO_MODEL
 
 if TYPE_CHECKING:  # pragma: no cover
+    from oprm_rag.engine import Engine
     from oprm_rag.lm import RecurrentLM
 
 __all__ = ["ModelArg", "LazyModel", "split_model_arg", "resolve_model", "aiter_in_thread"]
 
 T = TypeVar("T")
 
-#: What ``model=`` accepts: a loaded ``RecurrentLM``, or a folder / hub name to load once.
-ModelArg = Union["RecurrentLM", str, Path]
+#: What ``model=`` accepts: a loaded ``RecurrentLM``, an ``Engine`` (a served model, for the
+#: postprocessor and the query engine), or a folder / hub name to load once.
+ModelArg = Union["RecurrentLM", "Engine", str, Path]
 
 
 def split_model_arg(model: Any) -> Tuple[str, Optional["RecurrentLM"]]:
@@ -35,15 +37,17 @@ def split_model_arg(model: Any) -> Tuple[str, Optional["RecurrentLM"]]:
     Pydantic fields must stay serialisable (LlamaIndex dumps components into events), so
     components keep the name in a field and the instance in a private attribute.
     """
+    from oprm_rag.engine import Engine
     from oprm_rag.lm import RecurrentLM
 
-    if isinstance(model, RecurrentLM):
+    if isinstance(model, (RecurrentLM, Engine)):
         return str(model.name), model
     if isinstance(model, (str, Path)):
         if not str(model).strip():
             raise ValueError("model must name a model folder or hub id, got an empty string")
         return str(model), None
-    raise TypeError(f"model must be a RecurrentLM or a path / hub name, got {type(model).__name__}")
+    raise TypeError(f"model must be a RecurrentLM, an oprm_rag Engine (e.g. OpenAICompatibleLM) or a path / hub "
+                    f"name, got {type(model).__name__}")
 
 
 def resolve_model(name: str, held: Optional["RecurrentLM"], options: Dict[str, Any]) -> "RecurrentLM":
