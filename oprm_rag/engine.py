@@ -132,6 +132,9 @@ class Engine(ABC):
     supports_left_padding: bool = False
     #: How this engine's token counts were obtained.
     token_counting: TokenCounting = "exact"
+    #: Every position's full next-token distribution is available (the question-likelihood
+    #: criterion needs it); False where only top-k log-probabilities come back.
+    full_logits: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ identity
     @property

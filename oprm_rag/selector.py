@@ -80,6 +80,9 @@ class OPRMSelector:
             raise OptionError(f"cache must be a DocumentStateCache or a bool, got {type(cache).__name__}")
         self.options = SelectorOptions.build(options, **option_kwargs)
         self.engine = resolve_engine(model)
+        if self.options.criterion == "question_likelihood" and not self.engine.full_logits:
+            raise OptionError(f"criterion='question_likelihood' needs every position's full logits; "
+                              f"{self.engine.name} gives only top-k log-probabilities. Use criterion='entropy'.")
         prompt = self.options.prompt or self.engine.prompt
         if self.options.idk_word is not None:
             prompt = prompt.with_idk_word(self.options.idk_word)

@@ -46,6 +46,15 @@ def test_mamba1_scan_quick(tmp_path):
         assert _finite(row["transformers_tok_s"], row["ours_tok_s"], row["speedup"])
 
 
+def test_decode_quick(tmp_path):
+    data = _run("decode", tmp_path)
+    rows = {(r["condition"], r["batch"]) for r in data["rows"]}
+    assert rows == {("quiet", 1), ("quiet", 8), ("spin", 1), ("spin", 8)}  # the benchmark ran its competitor
+    for row in data["rows"]:
+        assert _finite(row["step_path_tok_s"], row["previous_path_tok_s"], row["speedup"],
+                       row["step_path_tok_per_cpu_s"])
+
+
 def test_follow_up_quick(tmp_path):
     data = _run("follow_up", tmp_path)
     assert [c["cache_tier"] for c in data["cases"]] == ["memory", "disk"]
@@ -94,6 +103,12 @@ def test_handoff_quick(tmp_path):
     assert summary["hits"] == summary["questions"] > 0
     assert summary["all_same_answers"] is True
     assert summary["prefill_tokens_with"] < summary["prefill_tokens_without"]
+
+
+def test_served_quick(tmp_path):
+    data = _run("served", tmp_path)
+    assert data["selection_agreement_exact"] >= 0.95  # served and in-process pick the same chunks
+    assert data["evaluated_tokens"]["no_cache_prompt"]["first"]["server_reported"]
 
 
 def test_exactness_quick(tmp_path):

@@ -1,0 +1,178 @@
+"""A tiny OpenAI-compatible HTTP server on 127.0.0.1, for what llama-server cannot be
+made to do: refuse token ids, drop log-probabilities, time out, rate-limit, speak vLLM's
+dialect. Its "model" is a deterministic function of the prompt, so answers can be checked.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+
+
+def distribution(prompt: Any, vocab: int) -> np.ndarray:
+    """The fake model's next-token probabilities after ``prompt`` (ids or text)."""
+    key = json.dumps(prompt).encode()
+    rng = np.random.default_rng(zlib.crc32(key))
+    logits = rng.normal(size=vocab) * 2.0
+    p = np.exp(logits - logits.max())
+    return p / p.sum()
+
+
+@dataclass
+class Behaviour:
+    models: tuple[str, ...] = ("fake",)
+    vocab: int = 3072
+    dialect: str = "llamacpp"  # or "vllm" (legacy top_logprobs dicts keyed token_id:N)
+    accept_ids: bool = True
+    logprobs: bool = True
+    max_logprobs: int | None = None  # refuse more, vLLM-style
+    context: int | None = None  # refuse longer prompts, llama.cpp-style
+    slow_requests: set[int] = field(default_factory=set)  # request numbers (1-based) that hang
+    hang_seconds: float = 5.0
+    rate_limited: int = 0  # first n completion requests answer 429
+    tokenize: bool = True
+    delay: float = 0.0  # every completion takes this long (to see concurrency)
+
+
+class FakeServer:
+    def __init__(self, behaviour: Behaviour | None = None) -> None:
+        self.b = behaviour or Behaviour()
+        self.requests: list[dict[str, Any]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, code: int, body: Any, headers: dict[str, str] | None = None) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def do_GET(self) -> None:
+                if self.path == "/v1/models":
+                    self._send(200, {"object": "list", "data": [
+                        {"id": m, "object": "model", "owned_by": "vllm" if server.b.dialect == "vllm" else "fake",
+                         "max_model_len": server.b.context} for m in server.b.models]})
+                else:
+                    self._send(404, {"error": {"message": "not found"}})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                if self.path == "/tokenize" and server.b.tokenize:
+                    text = body.get("content", "")
+                    self._send(200, {"tokens": [ord(c) % server.b.vocab for c in text]})
+                elif self.path == "/detokenize" and server.b.tokenize:
+                    self._send(200, {"content": "".join(chr(i) for i in body.get("tokens", []))})
+                elif self.path == "/v1/completions":
+                    server._completion(self, body)
+                else:
+                    self._send(404, {"error": {"message": "not found"}})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> "FakeServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # ------------------------------------------------------------------ completions
+    def _completion(self, h: Any, body: dict[str, Any]) -> None:
+        b = self.b
+        with self._lock:
+            self.requests.append(body)
+            n = len(self.requests)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if n <= b.rate_limited:
+                h._send(429, {"error": {"message": "slow down"}}, {"retry-after-ms": "10"})
+                return
+            if b.delay:
+                time.sleep(b.delay)
+            if n in b.slow_requests:
+                time.sleep(b.hang_seconds)
+            if body.get("model") not in b.models:
+                h._send(404, {"error": {"message": f"The model `{body.get('model')}` does not exist."}})
+                return
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and not b.accept_ids:
+                h._send(500, {"error": {"message": "prompt must be a string"}})
+                return
+            length = len(prompt) if isinstance(prompt, list) else len(str(prompt))
+            if b.context is not None and length > b.context:
+                h._send(400, {"error": {"code": 400, "type": "exceed_context_size_error",
+                                        "message": f"the request exceeds the available context size ({length} > "
+                                                   f"{b.context})"}})
+                return
+            k = int(body.get("n_probs") or body.get("logprobs") or 0)
+            if b.dialect == "vllm":
+                k = int(body.get("logprobs") or 0)
+                if b.max_logprobs is not None and k > b.max_logprobs:
+                    h._send(400, {"object": "error", "message": f"Requested sample logprobs of {k}, which is "
+                                                                f"greater than max allowed: {b.max_logprobs}",
+                                  "type": "BadRequestError", "code": 400})
+                    return
+            p = distribution(prompt, b.vocab)
+            order = np.argsort(-p)[:k]
+            top = int(order[0]) if k else int(np.argmax(p))
+            if body.get("stream"):
+                self._stream(h, body)
+                return
+            logprobs: Any = None
+            if b.logprobs and k:
+                if b.dialect == "vllm":
+                    logprobs = {"tokens": [f"token_id:{top}"], "token_logprobs": [float(np.log(p[top]))],
+                                "top_logprobs": [{f"token_id:{int(i)}": float(np.log(p[i])) for i in order}],
+                                "text_offset": [0]}
+                else:
+                    logprobs = {"content": [{"id": top, "token": chr(top), "logprob": float(np.log(p[top])),
+                                             "top_logprobs": [{"id": int(i), "token": chr(int(i)),
+                                                               "logprob": float(np.log(p[i]))} for i in order]}]}
+            h._send(200, {"object": "text_completion", "model": body.get("model"),
+                          "choices": [{"index": 0, "text": "ok " * int(body.get("max_tokens", 1)),
+                                       "finish_reason": "length", "logprobs": logprobs}],
+                          "usage": {"prompt_tokens": length, "completion_tokens": int(body.get("max_tokens", 1)),
+                                    "total_tokens": length + 1}})
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _stream(self, h: Any, body: dict[str, Any]) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.end_headers()
+        for i in range(int(body.get("max_tokens", 1))):
+            chunk = {"object": "text_completion", "choices": [{"index": 0, "text": f"w{i} ", "finish_reason": None}]}
+            h.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        last = {"object": "text_completion", "choices": [{"index": 0, "text": "", "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": int(body.get("max_tokens", 1)), "total_tokens": 2}}
+        h.wfile.write(f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode())
