@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
+from .engine import BaseTextStream
 from .errors import NonFiniteScoresError
 from .generation import Generation, GenerationConfig, TextAssembler, choose_next
 from .scoring import nonfinite_rows
@@ -94,7 +95,7 @@ def _check_finite(logits: torch.Tensor, done: list[bool], step: int) -> None:
             "can be trusted. Load the model in float32 or bfloat16 (dtype=...) instead of float16.")
 
 
-class TokenStream:
+class TokenStream(BaseTextStream):
     """One answer being decoded: iterate for text pieces; ``result`` holds the whole answer.
 
     ``reused_tokens`` counts prompt tokens resumed from a handed-off state (0: none).
@@ -107,27 +108,10 @@ class TokenStream:
         self.lm = lm
         self._decoder = Decoder(lm, state, logits, config or GenerationConfig(), [prompt_tokens])
         self.reused_tokens = reused_tokens
-        self._iter: Iterator[str] | None = None
 
     @property
-    def result(self) -> Generation:
+    def result(self) -> Generation:  # type: ignore[override]
         return self._decoder.results[0]
 
-    @property
-    def handoff_hit(self) -> bool:
-        return self.reused_tokens > 0
-
-    def __iter__(self) -> Iterator[str]:
-        if self._iter is None:
-            self._iter = (piece for _, piece in self._decoder.pieces())
-        return self._iter
-
-    def close(self) -> None:
-        if self._iter is not None:
-            self._iter.close()  # type: ignore[attr-defined]
-
-    def text(self) -> str:
-        """Run to the end and return the whole answer."""
-        for _ in self:
-            pass
-        return self.result.text
+    def _pieces(self) -> Iterator[str]:
+        return (piece for _, piece in self._decoder.pieces())

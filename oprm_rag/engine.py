@@ -38,7 +38,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .generation import Generation, GenerationConfig
     from .prompts import PromptTemplate
 
-__all__ = ["Engine", "Extension", "FirstTokens", "ChunkSize", "TextStream", "LogitsWanted", "TokenCounting"]
+__all__ = ["Engine", "Extension", "FirstTokens", "ChunkSize", "TextStream", "BaseTextStream", "LogitsWanted",
+           "TokenCounting"]
 
 #: What ``extend`` must return besides the states: nothing (a lazy engine may then skip the
 #: model entirely), the next-token scores after each row's last token, or after every token.
@@ -116,6 +117,39 @@ class TextStream(Protocol):
     result: "Generation"
 
     def __iter__(self) -> Iterator[str]: ...
+
+
+class BaseTextStream(ABC):
+    """The :class:`TextStream` protocol over a ``_pieces()`` generator: iterating twice
+    continues the same answer, ``close()`` stops decoding early, ``text()`` runs to the
+    end. ``reused_tokens`` counts prompt tokens resumed from a handed-off state."""
+
+    result: "Generation"
+    reused_tokens: int = 0
+    _iter: Iterator[str] | None = None
+
+    @abstractmethod
+    def _pieces(self) -> Iterator[str]:
+        """The answer's text pieces as they are decoded (fills ``result`` as it goes)."""
+
+    @property
+    def handoff_hit(self) -> bool:
+        return self.reused_tokens > 0
+
+    def __iter__(self) -> Iterator[str]:
+        if self._iter is None:
+            self._iter = self._pieces()
+        return self._iter
+
+    def close(self) -> None:
+        if self._iter is not None:
+            self._iter.close()  # type: ignore[attr-defined]
+
+    def text(self) -> str:
+        """Run to the end and return the whole answer."""
+        for _ in self:
+            pass
+        return self.result.text
 
 
 class Engine(ABC):

@@ -74,7 +74,7 @@ def test_complete_counts_tokens_and_reports_finish(load_lm):
     assert "".join(pieces) == r.text
     assert r.prompt_tokens == len(lm.encode("The code of alpha is", add_special_tokens=True))
     assert r.completion_tokens <= 5 and r.finish_reason in ("length", "eos", "stop")
-    assert r.usage.total_tokens == r.prompt_tokens + r.completion_tokens
+    assert r.usage["total_tokens"] == r.prompt_tokens + r.completion_tokens
 
 
 def test_batch_decoding_equals_single(load_lm):

@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Sequence
 
-from ..engine import ChunkSize, Engine, Extension, FirstTokens, LogitsWanted
+from ..engine import BaseTextStream, ChunkSize, Engine, Extension, FirstTokens, LogitsWanted
 from ..errors import OptionError
 from ..generation import Generation, GenerationConfig
 from .client import Completed, CompletionStream, Scored, ServedClient
@@ -108,7 +108,7 @@ class ServedStats:
         return dict(self.__dict__)
 
 
-class ServedTextStream:
+class ServedTextStream(BaseTextStream):
     """A streamed answer: iterate for text pieces; ``result`` is a :class:`ServedGeneration`."""
 
     def __init__(self, engine: "OpenAICompatibleLM", stream: CompletionStream, config: GenerationConfig,
@@ -117,17 +117,6 @@ class ServedTextStream:
         self._stream = stream
         self.config = config
         self.result = ServedGeneration("", [], "length", prompt_tokens)
-        self.reused_tokens = 0
-        self._iter: Iterator[str] | None = None
-
-    @property
-    def handoff_hit(self) -> bool:
-        return False
-
-    def __iter__(self) -> Iterator[str]:
-        if self._iter is None:
-            self._iter = self._pieces()
-        return self._iter
 
     def _pieces(self) -> Iterator[str]:
         if self.config.max_new_tokens == 0:
@@ -142,15 +131,6 @@ class ServedTextStream:
             self.result.finish_reason = self.engine._finish(done.finish_reason, self.config)
             self.result.server_completion_tokens = done.completion_tokens
             self.engine._count(done, scoring=False)
-
-    def close(self) -> None:
-        if self._iter is not None:
-            self._iter.close()  # type: ignore[attr-defined]
-
-    def text(self) -> str:
-        for _ in self:
-            pass
-        return self.result.text
 
 
 class OpenAICompatibleLM(Engine):
