@@ -20,9 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .cli_args import (EXIT_BUG, EXIT_INPUT, EXIT_INTERRUPT, EXIT_MODEL, EXIT_PIPE, EXIT_USAGE, CLIError,
-                       add_model_args, add_selector_args, engine_from_args, positive_int,
-                       selector_options_from_args, startup_interrupts)
+from .cli_args import (EXIT_INTERRUPT, EXIT_PIPE, EXIT_USAGE, CLIError, add_model_args, add_selector_args,
+                       engine_from_args, positive_int, run_reporting, selector_options_from_args, startup_interrupts)
 
 __all__ = ["main"]
 
@@ -254,9 +253,8 @@ def _main(argv: list[str]) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
         logging.getLogger("transformers").setLevel(logging.ERROR)
-    from .errors import InputError, ModelLoadError, OptionError, ServerError
 
-    try:
+    def work() -> int:
         with startup_interrupts():
             _preload(args)
         if args.command in _PLUGINS:
@@ -266,34 +264,10 @@ def _main(argv: list[str]) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
-            engine = _engine(args)
-            return run_demo(engine.lm, facts=args.facts, seed=args.seed)
+            return run_demo(_engine(args).lm, facts=args.facts, seed=args.seed)
         return {"ask": _cmd_ask, "chat": _cmd_chat, "inspect": _cmd_inspect}[args.command](args)
-    except CLIError as exc:
-        print(f"oprm-rag: error: {exc}", file=sys.stderr)
-        return exc.code
-    except OptionError as exc:
-        print(f"oprm-rag: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except InputError as exc:
-        print(f"oprm-rag: error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except (ModelLoadError, ServerError) as exc:
-        print(f"oprm-rag: error: {exc}", file=sys.stderr)
-        return EXIT_MODEL
-    except KeyboardInterrupt:
-        print("\noprm-rag: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPT
-    except BrokenPipeError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - an internal fault: say it is one, with its type
-        if verbose:
-            import traceback
 
-            traceback.print_exc()
-        print(f"oprm-rag: internal error (a bug, please report it): {type(exc).__name__}: {exc}"
-              + ("" if verbose else " (run with -v for the traceback)"), file=sys.stderr)
-        return EXIT_BUG
+    return run_reporting("oprm-rag", work, verbose=verbose)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,10 +11,11 @@ import argparse
 import contextlib
 import os
 import signal
-from typing import Any, Iterator
+import sys
+from typing import Any, Callable, Iterator
 
 __all__ = ["CLIError", "add_model_args", "add_selector_args", "selector_options_from_args", "positive_int",
-           "engine_from_args", "startup_interrupts", "chunk_tokens_arg",
+           "engine_from_args", "startup_interrupts", "chunk_tokens_arg", "run_reporting",
            "EXIT_INPUT", "EXIT_USAGE", "EXIT_MODEL", "EXIT_BUG", "EXIT_INTERRUPT", "EXIT_PIPE"]
 
 EXIT_INPUT, EXIT_USAGE, EXIT_MODEL, EXIT_BUG, EXIT_INTERRUPT, EXIT_PIPE = 1, 2, 3, 4, 130, 141
@@ -189,3 +190,43 @@ def startup_interrupts() -> Iterator[None]:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def run_reporting(prog: str, work: Callable[[], int], *, verbose: bool = False, interrupted: str = "") -> int:
+    """Run a command; every failure ends in one line and its exit code.
+
+    The user's mistakes (:class:`~oprm_rag.errors.InputError`: 1, options: 2), the
+    model's side (:class:`~oprm_rag.errors.ModelLoadError`, a server, non-finite scores:
+    3), Ctrl-C (130, with ``interrupted`` as a hint), and anything else as a bug with its
+    type (4; ``verbose`` prints the traceback). A closed stdout is left to the caller.
+    """
+    from .errors import InputError, OPRMError, OptionError
+
+    try:
+        return work()
+    except CLIError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except OptionError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except InputError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except OPRMError as exc:  # the model's side: loading, a server, non-finite scores
+        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
+        return EXIT_INTERRUPT
+    except BrokenPipeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an internal fault: say it is one, with its type
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"{prog}: internal error (a bug, please report it): {type(exc).__name__}: {exc}"
+              + ("" if verbose else " (run with -v for the traceback)"), file=sys.stderr)
+        return EXIT_BUG
+

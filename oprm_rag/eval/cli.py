@@ -24,9 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..cli_args import (EXIT_INPUT, EXIT_INTERRUPT, EXIT_MODEL, EXIT_USAGE, CLIError, add_model_args,
-                        chunk_tokens_arg, engine_from_args, positive_int)
-from ..errors import InputError, OPRMError
+from ..cli_args import (EXIT_USAGE, CLIError, add_model_args, chunk_tokens_arg, engine_from_args, positive_int,
+                        run_reporting)
 
 __all__ = ["add_parser", "run", "main", "EvalError"]
 
@@ -365,21 +364,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         logging.getLogger("transformers").setLevel(logging.ERROR)
     commands = {"longbench": _cmd_longbench, "longbench-v2": _cmd_v2, "needle": _cmd_needle, "custom": _cmd_custom}
-    try:
-        return commands[args.eval_command](args)
-    except EvalError as exc:
-        print(f"oprm-rag eval: error: {exc}", file=sys.stderr)
-        return exc.code
-    except InputError as exc:
-        print(f"oprm-rag eval: error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    except OPRMError as exc:  # model faults (load, non-finite scores, a server): the model's side
-        print(f"oprm-rag eval: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_MODEL
-    except KeyboardInterrupt:
-        print("\noprm-rag eval: interrupted; what was answered is saved: rerun the same command to resume",
-              file=sys.stderr)
-        return EXIT_INTERRUPT
+    return run_reporting("oprm-rag eval", lambda: commands[args.eval_command](args),
+                         verbose=bool(getattr(args, "verbose", False)),
+                         interrupted="what was answered is saved: rerun the same command to resume")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
