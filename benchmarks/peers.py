@@ -77,7 +77,7 @@ def main() -> None:
     methods = {"llm_rerank": [], "question_perplexity": [], "oprm_cold": [], "oprm": []}
     hits = {k: 0 for k in methods}
     failures = {k: 0 for k in methods}
-    lm._prefix_states.clear()
+    lm.context.forget()
     for fact, span in facts:
         q = question_for(fact.key)
         want = gold(span)

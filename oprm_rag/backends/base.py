@@ -22,7 +22,8 @@ import torch
 
 from ..state import RecurrentState
 
-__all__ = ["Backend", "DecodeSession", "ForwardOutput", "StepInput", "KERNEL_CHOICES"]
+__all__ = ["Backend", "DecodeSession", "StepSession", "ForwardOutput", "StepInput", "KERNEL_CHOICES",
+           "call_threads"]
 
 logger = logging.getLogger("oprm_rag")
 
@@ -148,6 +149,11 @@ class Backend(ABC):
         ``supports_left_padding``); the last position's logits are real for every row.
         """
 
+    def append(self, state: RecurrentState, input_ids: torch.Tensor) -> RecurrentState:
+        """The state after ``input_ids`` when no logits are wanted. Exact backends run the
+        model; the token-replay fallback only records the tokens (its state is the prefix)."""
+        return self.forward(input_ids, state).state
+
     def session(self, state: RecurrentState) -> "DecodeSession":
         """A mutable cursor for token-by-token decoding from ``state``."""
         return DecodeSession(self, state)
@@ -192,6 +198,74 @@ class DecodeSession:
         out = self.backend.forward(input_ids, self.state)
         self.state = out.state
         return out.logits
+
+
+class StepSession(DecodeSession):
+    """A decode session on a backend's single-token path (``Backend._step``).
+
+    A one-token step of a small model is a few dozen tiny ops, so what costs is per-op
+    overhead, not arithmetic: the session owns a private copy of the state and updates
+    it in place, the backend's per-layer constants are prepared once per session
+    (``Backend._step_constants``), and steps of small models run on one intra-op thread
+    of the calling thread (:mod:`oprm_rag.threads`), so that no op waits at a thread
+    barrier on a busy machine. Inputs of more than one token, or of another batch size,
+    take ``forward``. The state given is never modified; ``state`` is a snapshot.
+
+    A backend with a step path provides ``_step_constants()`` (called once here) and
+    ``_step(ids [b], tensors, constants) -> logits [b, v]``, which advances ``tensors``
+    (this session's own copy) by one token, position excepted. On CPU with the native
+    kernels built, a Mamba-2 layer's whole mixer between its two projections is one C call.
+    """
+
+    def __init__(self, backend: Backend, state: RecurrentState) -> None:
+        self.backend = backend
+        self._device = backend.device
+        self._load(state)
+        self._consts = backend._step_constants()  # type: ignore[attr-defined]
+        self._threads = call_threads(backend, self._batch)
+
+    def _load(self, state: RecurrentState) -> None:
+        state = self.backend.check_state(state, state.batch_size)
+        self._tensors = {k: v.clone(memory_format=torch.contiguous_format) for k, v in state.tensors.items()}
+        self._batch = state.batch_size
+
+    @property
+    def state(self) -> RecurrentState:  # type: ignore[override]
+        """The state after every token fed so far (a copy: later steps do not change it)."""
+        return RecurrentState(self.backend.family, {k: v.clone(memory_format=torch.contiguous_format)
+                                                    for k, v in self._tensors.items()})
+
+    @state.setter
+    def state(self, state: RecurrentState) -> None:
+        self._load(state)
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from ..threads import intra_op_threads
+
+        if input_ids.dim() != 2 or input_ids.shape[1] != 1 or input_ids.shape[0] != self._batch:
+            out = self.backend.forward(input_ids, self.state)
+            self._load(out.state)
+            return out.logits
+        with intra_op_threads(self._threads):
+            logits = self.backend._step(  # type: ignore[attr-defined]
+                input_ids[:, 0].to(self._device), self._tensors, self._consts)
+        self._tensors["position"] += 1
+        return logits
+
+
+def call_threads(backend: Backend, tokens: int) -> int | None:
+    """Intra-op threads for a call of ``tokens`` tokens (all rows) on ``backend``: 1 when the
+    call is small (:func:`oprm_rag.threads.step_threads`), else None (torch's setting)."""
+    from ..threads import step_threads
+
+    if backend.device.type != "cpu":
+        return None
+    params = getattr(backend, "_oprm_params", None)
+    if params is None:
+        params = sum(p.numel() for p in backend.model.parameters())
+        backend._oprm_params = params  # type: ignore[attr-defined]
+    return step_threads(params * tokens)
 
 
 def valid_mask(pad_left: torch.Tensor | None, b: int, t: int, device: torch.device) -> torch.Tensor | None:

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..kernels.selective_scan import selective_scan
+from ..kernels.native import causal_conv_tm as native_conv
+from ..kernels.selective_scan import selective_scan, selective_scan_time_major
+from ..kernels.step import act_fn, conv_step, is_silu, linear_fn, rms_norm_fn
 from .base import StepInput, shifted_conv_input
 from .ssm_backbone import SSMBackboneBackend
 
@@ -30,6 +32,7 @@ class MambaBackend(SSMBackboneBackend):
         self.d_inner = mixer.intermediate_size
         self.d_state = mixer.ssm_state_size
         self.kernel = mixer.conv_kernel_size
+        self._silu = [is_silu(layer.mixer.act) for layer in self.backbone.layers]  # native conv fuses SiLU
         self.quantized = hasattr(model.config, "_is_quantized")
 
     @classmethod
@@ -45,26 +48,87 @@ class MambaBackend(SSMBackboneBackend):
     def _mixer(self, i: int, mixer: Any, hidden: torch.Tensor, step: StepInput,
                use_kernel: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         dtype, mask = hidden.dtype, step.mask
-        x, z = mixer.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # [b, d, t] each
-        if mask is not None:
-            x = x * mask[:, None, :].to(x.dtype)
-        conv_in = shifted_conv_input(step.state.tensors[f"conv.{i}"], x, step.pad_left)
-        new_conv = conv_in[..., conv_in.shape[-1] - (self.kernel - 1):]
-        weight = mixer.conv1d.weight
-        x = F.conv1d(conv_in.to(weight.dtype), weight, mixer.conv1d.bias, groups=self.d_inner)
-        x = mixer.act(x).to(dtype)
-        if mask is not None:
-            x = x * mask[:, None, :].to(x.dtype)
-        dt, B, C = torch.split(mixer.x_proj(x.transpose(1, 2)),
-                               [mixer.time_step_rank, self.d_state, self.d_state], dim=-1)
+        xz = mixer.in_proj(hidden)  # [b, t, 2d]
+        x_tm, new_conv = self._conv(i, mixer, xz[..., :self.d_inner], step, use_kernel)
+        dt, B, C = torch.split(mixer.x_proj(x_tm), [mixer.time_step_rank, self.d_state, self.d_state], dim=-1)
         if hasattr(mixer, "b_layernorm"):  # Falcon-Mamba
             dt, B, C = mixer.dt_layernorm(dt), mixer.b_layernorm(B), mixer.c_layernorm(C)
         if self.quantized:
-            dt = (mixer.dt_proj(dt) - mixer.dt_proj.bias).transpose(1, 2)
+            dt = mixer.dt_proj(dt) - mixer.dt_proj.bias  # [b, t, d]
         else:
-            dt = mixer.dt_proj.weight @ dt.transpose(1, 2)
+            dt = F.linear(dt, mixer.dt_proj.weight)
         A = -torch.exp(mixer.A_log.float())
-        y, new_ssm = selective_scan(x, dt, A, B, C, mixer.D, z, mixer.dt_proj.bias, step.state.tensors[f"ssm.{i}"],
-                                    use_kernel=use_kernel, mask=mask)
-        out = mixer.out_proj(y.transpose(1, 2).to(dtype))
-        return out, {f"conv.{i}": new_conv.contiguous(), f"ssm.{i}": new_ssm}
+        h0 = step.state.tensors[f"ssm.{i}"]
+        if use_kernel:
+            y, new_ssm = selective_scan(x_tm.transpose(1, 2), dt.transpose(1, 2), A, B, C, mixer.D,
+                                        xz[..., self.d_inner:].transpose(1, 2), mixer.dt_proj.bias, h0,
+                                        use_kernel=True, mask=mask)
+            y = y.transpose(1, 2)
+        else:
+            y, new_ssm = selective_scan_time_major(x_tm, dt, A, B, C, mixer.D, xz[..., self.d_inner:],
+                                                   mixer.dt_proj.bias, h0, pad_left=step.pad_left)
+        out = mixer.out_proj(y.to(dtype))
+        return out, {f"conv.{i}": new_conv, f"ssm.{i}": new_ssm}
+
+    def _conv(self, i: int, mixer: Any, x: torch.Tensor, step: StepInput,
+              use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The causal conv and activation on ``x`` [b, t, d] (time-major): the output
+        [b, t, d] (contiguous, 0 on pads) and the new conv state [b, d, k-1]."""
+        dtype, mask, conv = x.dtype, step.mask, mixer.conv1d
+        state = step.state.tensors[f"conv.{i}"]
+        if not use_kernel and x.device.type == "cpu" and dtype == torch.float32 == conv.weight.dtype:
+            silu = self._silu[i]
+            out = native_conv(x, state, conv.weight[:, 0, :], conv.bias, step.pad_left, silu=silu)
+            if out is not None:
+                y, new_state = out
+                if not silu:
+                    y = mixer.act(y)
+                    if mask is not None:
+                        y = y * mask[..., None].to(y.dtype)
+                return y, new_state.to(state.dtype)
+        xc = x.transpose(1, 2)  # [b, d, t]
+        if mask is not None:
+            xc = xc * mask[:, None, :].to(xc.dtype)
+        conv_in = shifted_conv_input(state, xc, step.pad_left)
+        new_conv = conv_in[..., conv_in.shape[-1] - (self.kernel - 1):].contiguous()
+        y = F.conv1d(conv_in.to(conv.weight.dtype), conv.weight, conv.bias, groups=self.d_inner)
+        y = mixer.act(y).to(dtype)
+        if mask is not None:
+            y = y * mask[:, None, :].to(y.dtype)
+        return y.transpose(1, 2).contiguous(), new_conv
+
+    # ------------------------------------------------------------------ single-token path
+    def _mixer_constants(self, i: int, mixer: Any) -> dict[str, Any]:
+        falcon = hasattr(mixer, "b_layernorm")
+        return {
+            "in_proj": linear_fn(mixer.in_proj), "out_proj": linear_fn(mixer.out_proj), "x_proj": linear_fn(mixer.x_proj),
+            "conv_w": mixer.conv1d.weight[:, 0, :], "conv_b": mixer.conv1d.bias, "act": act_fn(mixer.act),
+            "norms": tuple(rms_norm_fn(m) for m in (mixer.dt_layernorm, mixer.b_layernorm, mixer.c_layernorm))
+            if falcon else None,
+            "dt_proj": mixer.dt_proj, "dt_w": mixer.dt_proj.weight, "dt_bias": mixer.dt_proj.bias.float(),
+            "A": -torch.exp(mixer.A_log.float()), "D": mixer.D.float(), "split": [mixer.time_step_rank,
+                                                                              self.d_state, self.d_state],
+        }
+
+    def _mixer_step(self, i: int, c: dict[str, Any], hidden: torch.Tensor,
+                    tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mixer on one token: the conv as a dot product with the conv state, the
+        selective-scan step as in-place elementwise ops on the session's SSM state."""
+        dtype = hidden.dtype
+        x, z = c["in_proj"](hidden).chunk(2, dim=-1)  # [b, d] each
+        x, tensors[f"conv.{i}"] = conv_step(tensors[f"conv.{i}"], x, c["conv_w"], c["conv_b"])
+        x = c["act"](x).to(dtype)
+        dt, B, C = torch.split(c["x_proj"](x), c["split"], dim=-1)
+        if c["norms"] is not None:  # Falcon-Mamba
+            dt, B, C = (norm(v) for norm, v in zip(c["norms"], (dt, B, C)))
+        if self.quantized:
+            dt = c["dt_proj"](dt) - c["dt_proj"].bias
+        else:
+            dt = F.linear(dt, c["dt_w"])
+        dt = F.softplus(dt.float() + c["dt_bias"])  # [b, d]
+        xf = x.float()
+        h = tensors[f"ssm.{i}"]  # [b, d, n] float32, owned by the session
+        h.mul_(torch.exp(dt[..., None] * c["A"])).addcmul_((dt * xf)[..., None], B.float()[:, None, :])
+        y = torch.matmul(h, C.float()[..., None])[..., 0]
+        y = torch.addcmul(y, xf, c["D"]) * F.silu(z.float())
+        return c["out_proj"](y.to(x.dtype).to(dtype))

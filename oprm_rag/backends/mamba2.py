@@ -12,7 +12,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..kernels.native import causal_conv_tm as native_conv
 from ..kernels.ssd import NEUTRAL, SSDParams, discretise_dt, ssd_scan, ssd_step, ssd_window_scan
+from ..kernels.step import act_fn, conv_step, is_silu, linear_fn
 from .base import StepInput, shifted_conv_input
 from .ssm_backbone import SSMBackboneBackend
 
@@ -28,8 +30,11 @@ class Mamba2Backend(SSMBackboneBackend):
         self.heads, self.head_dim, self.d_state = m.num_heads, m.head_dim, m.ssm_state_size
         self.groups, self.d_inner, self.conv_dim = m.n_groups, m.intermediate_size, m.conv_dim
         self.kernel = m.conv_kernel_size
+        self._silu = [is_silu(layer.mixer.act) for layer in self.backbone.layers]  # native conv fuses SiLU
         self.chunk_size = int(getattr(model.config, "chunk_size", 64) or 64)
         self.mitigation = mitigation
+        if mitigation is not None and hasattr(mitigation, "check_for_model"):
+            mitigation.check_for_model(model)  # a window state too big for memory fails before allocating
         self.ssd_params: SSDParams = mitigation.ssd_params() if mitigation is not None else NEUTRAL
         self.window: int | None = getattr(mitigation, "window", None)
         if self.window is not None:
@@ -61,15 +66,8 @@ class Mamba2Backend(SSMBackboneBackend):
         b, t, _ = hidden.shape
         dtype, mask, tensors = hidden.dtype, step.mask, step.state.tensors
         gate, xbc, dt = mixer.in_proj(hidden).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
-        if mask is not None:
-            xbc = xbc * mask[..., None].to(xbc.dtype)
-        conv_in = shifted_conv_input(tensors[f"conv.{i}"], xbc.transpose(1, 2), step.pad_left)
-        new = {f"conv.{i}": conv_in[..., conv_in.shape[-1] - (self.kernel - 1):].contiguous()}
-        weight = mixer.conv1d.weight
-        xbc = F.conv1d(conv_in.to(weight.dtype), weight, mixer.conv1d.bias, groups=self.conv_dim)
-        xbc = mixer.act(xbc).to(dtype).transpose(1, 2)
-        if mask is not None:
-            xbc = xbc * mask[..., None].to(xbc.dtype)
+        xbc, new_conv = self._conv(i, mixer, xbc, step, use_kernel)
+        new = {f"conv.{i}": new_conv}
         gn = self.groups * self.d_state
         x, B, C = torch.split(xbc, [self.d_inner, gn, gn], dim=-1)
         dt = discretise_dt(dt, mixer.dt_bias, tuple(mixer.time_step_limit))
@@ -96,6 +94,113 @@ class Mamba2Backend(SSMBackboneBackend):
         y = y + x.float() * mixer.D.float()[:, None]
         y = mixer.norm(y.reshape(b, t, self.d_inner), gate)
         return mixer.out_proj(y.to(dtype)), new
+
+    # ------------------------------------------------------------------ single-token path
+    def _mixer_constants(self, i: int, mixer: Any) -> dict[str, Any]:
+        norm = mixer.norm
+        group = int(getattr(norm, "group_size", self.d_inner) or self.d_inner)
+        lo, hi = (float(v) for v in mixer.time_step_limit)
+        return {
+            "native": self._native_step(mixer, group, (lo, hi)),
+            "in_proj": linear_fn(mixer.in_proj), "out_proj": linear_fn(mixer.out_proj),
+            "conv_w": mixer.conv1d.weight[:, 0, :], "conv_b": mixer.conv1d.bias, "act": act_fn(mixer.act),
+            "dt_bias": mixer.dt_bias.float(), "clamp": (lo, hi) if (lo > 0.0 or hi != float("inf")) else None,
+            "A": -torch.exp(mixer.A_log.float()),
+            "D": mixer.D.float().repeat_interleave(self.head_dim),  # per channel of x, [d_inner]
+            "norm_w": norm.weight, "norm_eps": float(norm.variance_epsilon), "norm_groups": self.d_inner // group,
+        }
+
+    def _native_step(self, mixer: Any, group: int, dt_limit: tuple[float, float]) -> Any:
+        """The C step for this layer (``kernels/native.py``), or None (then torch ops)."""
+        from ..kernels import native
+
+        params = [mixer.conv1d.weight, mixer.A_log, mixer.D, mixer.dt_bias, mixer.norm.weight]
+        if (self.window is not None or self.device.type != "cpu" or not is_silu(mixer.act)
+                or any(t.dtype != torch.float32 for t in params) or self.dtype != torch.float32):
+            return None
+        lib = native.library()
+        if lib is None:
+            return None
+        p = self.ssd_params
+        return native.Mamba2Step(
+            lib, heads=self.heads, head_dim=self.head_dim, d_state=self.d_state, groups=self.groups,
+            conv_w=mixer.conv1d.weight[:, 0, :], conv_b=mixer.conv1d.bias, dt_bias=mixer.dt_bias, dt_limit=dt_limit,
+            A=-torch.exp(mixer.A_log.float()), D=mixer.D.float(), norm_w=mixer.norm.weight,
+            norm_groups=self.d_inner // group, eps=float(mixer.norm.variance_epsilon), alpha_scale=p.alpha_scale,
+            b_scale=p.b_scale, normalize=p.normalize_state)
+
+    def _mixer_step(self, i: int, c: dict[str, Any], hidden: torch.Tensor,
+                    tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mixer on one token: one C call between the projections where the native
+        kernels are built; else the conv as a dot product with the conv state and the SSD
+        step as a few in-place elementwise ops on the session's own SSM state."""
+        b, dtype = hidden.shape[0], hidden.dtype
+        if c["native"] is not None:
+            conv, h = tensors[f"conv.{i}"], tensors[f"ssm.{i}"]
+            if not conv.is_contiguous():
+                conv = tensors[f"conv.{i}"] = conv.contiguous()
+            return c["out_proj"](c["native"](c["in_proj"](hidden), conv, h))
+        heads, p, n, g = self.heads, self.head_dim, self.d_state, self.groups
+        gate, xbc, dt = c["in_proj"](hidden).split([self.d_inner, self.conv_dim, heads], dim=-1)
+        xbc, tensors[f"conv.{i}"] = conv_step(tensors[f"conv.{i}"], xbc, c["conv_w"], c["conv_b"])
+        xbc = c["act"](xbc).to(dtype)
+        gn = g * n
+        x, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
+        dt = F.softplus(dt.float() + c["dt_bias"])
+        if c["clamp"] is not None:
+            dt = dt.clamp(*c["clamp"])
+        xf, params = x.float(), self.ssd_params
+        if self.window is not None:  # the windowed mitigation keeps a history, not a state
+            history = tuple(tensors[f"win_{k}.{i}"] for k in "xBA")
+            y, hist = ssd_window_scan(xf.view(b, 1, heads, p), dt[:, None], c["A"], B.view(b, 1, g, n),
+                                      C.view(b, 1, g, n), self.window, history, params)
+            tensors.update({f"win_{k}.{i}": v for k, v in zip("xBA", hist)})
+            y = y.reshape(b, self.d_inner)
+        else:
+            h = tensors[f"ssm.{i}"]  # [b, heads, p, n] float32, owned by the session
+            decay = torch.exp(dt * c["A"])
+            if params.alpha_scale != 1.0:
+                decay = decay * torch.where(dt > 0, params.alpha_scale, 1.0)
+            Bf = B.float() if params.b_scale == 1.0 else B.float() * params.b_scale
+            h.mul_(decay[:, :, None, None])
+            xdt = (xf.view(b, heads, p) * dt[..., None]).view(b, g, heads // g, p, 1)
+            h.view(b, g, heads // g, p, n).addcmul_(xdt, Bf.view(b, g, 1, 1, n))
+            if params.normalize_state:
+                h.div_(h.flatten(2).norm(dim=-1).clamp_min(1e-12)[..., None, None])
+            y = torch.matmul(h.view(b, g, (heads // g) * p, n), C.float().view(b, g, n, 1)).view(b, self.d_inner)
+        y = torch.addcmul(y, xf, c["D"]) * F.silu(gate.float())
+        groups = c["norm_groups"]
+        yg = y.view(b, groups, -1) if groups > 1 else y
+        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + c["norm_eps"])
+        y = c["norm_w"] * yg.view(b, self.d_inner)
+        return c["out_proj"](y.to(dtype))
+
+    def _conv(self, i: int, mixer: Any, xbc: torch.Tensor, step: StepInput,
+              use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The causal conv and activation on ``xbc`` [b, t, c] (time-major): the output
+        [b, t, c] (0 on pads) and the new conv state [b, c, k-1]. On CPU in float32 this is
+        one C pass (``kernels/native.py``) with no transposes; else conv1d."""
+        dtype, mask, conv = xbc.dtype, step.mask, mixer.conv1d
+        state = step.state.tensors[f"conv.{i}"]
+        if not use_kernel and xbc.device.type == "cpu" and dtype == torch.float32 == conv.weight.dtype:
+            silu = self._silu[i]
+            out = native_conv(xbc, state, conv.weight[:, 0, :], conv.bias, step.pad_left, silu=silu)
+            if out is not None:
+                y, new_state = out
+                if not silu:
+                    y = mixer.act(y)
+                    if mask is not None:
+                        y = y * mask[..., None].to(y.dtype)
+                return y, new_state.to(state.dtype)
+        if mask is not None:
+            xbc = xbc * mask[..., None].to(xbc.dtype)
+        conv_in = shifted_conv_input(state, xbc.transpose(1, 2), step.pad_left)
+        new_state = conv_in[..., conv_in.shape[-1] - (self.kernel - 1):].contiguous()
+        y = F.conv1d(conv_in.to(conv.weight.dtype), conv.weight, conv.bias, groups=self.conv_dim)
+        y = mixer.act(y).to(dtype).transpose(1, 2)
+        if mask is not None:
+            y = y * mask[..., None].to(y.dtype)
+        return y, new_state
 
     def _scan_cuda(self, x, dt, A, B, C, h0):  # pragma: no cover - needs CUDA and mamba-ssm
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined

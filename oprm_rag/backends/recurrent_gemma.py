@@ -30,8 +30,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..kernels.step import conv_step
 from ..state import RecurrentState
-from .base import Backend, ForwardOutput, shifted_conv_input
+from ..threads import intra_op_threads
+from .base import Backend, ForwardOutput, StepSession, call_threads, shifted_conv_input
 
 __all__ = ["RecurrentGemmaBackend"]
 
@@ -105,6 +107,11 @@ class RecurrentGemmaBackend(Backend):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, state: RecurrentState | None = None, *,
                 all_logits: bool = False, pad_left: torch.Tensor | None = None) -> ForwardOutput:
+        with intra_op_threads(call_threads(self, input_ids.numel())):  # short calls: one thread
+            return self._forward(input_ids, state, all_logits, pad_left)
+
+    def _forward(self, input_ids: torch.Tensor, state: RecurrentState | None, all_logits: bool,
+                 pad_left: torch.Tensor | None) -> ForwardOutput:
         self.use_cuda_kernels()  # no fused kernels: raises if kernels="cuda", else the torch path
         step = self._begin(input_ids, state, pad_left)
         b, t, state, pad_left, valid = step.batch, step.length, step.state, step.pad_left, step.mask
@@ -137,18 +144,37 @@ class RecurrentGemmaBackend(Backend):
             logits = torch.tanh(logits / self.soft_cap) * self.soft_cap
         return ForwardOutput(logits, RecurrentState(self.family, new))
 
+    # ------------------------------------------------------------------ single-token path
+    def session(self, state: RecurrentState) -> StepSession:
+        """Steps take ``forward`` on one token (whose conv is a dot product, see
+        ``_recurrent``) with the session's thread setting."""
+        return StepSession(self, state)
+
+    def _step_constants(self) -> None:
+        return None
+
+    def _step(self, ids: torch.Tensor, tensors: dict[str, torch.Tensor], c: None) -> torch.Tensor:
+        out = self.forward(ids[:, None], RecurrentState(self.family, tensors))
+        tensors.update((k, v) for k, v in out.state.tensors.items() if k != "position")
+        return out.logits
+
     # ------------------------------------------------------------------ recurrent block
     def _recurrent(self, block, x, positions, conv_state, lru_state, pad_left, valid):
         t = x.shape[1]
         y = block.act_fn(block.linear_y(x))
-        xb = block.linear_x(x).transpose(1, 2)  # [b, w, t]
-        if valid is not None:
-            xb = torch.where(valid[:, None, :], xb, 0.0)
-        conv_in = shifted_conv_input(conv_state, xb, pad_left)  # pads go in front of the window
-        new_conv = conv_in[..., conv_in.shape[-1] - (self.conv_width - 1):].contiguous()
         conv = block.conv_1d
-        xb = F.conv1d(conv_in.to(conv.weight.dtype), conv.weight, conv.bias, groups=conv.groups)
-        xb = xb[..., xb.shape[-1] - t:].to(x.dtype).transpose(1, 2)  # [b, t, w]
+        if t == 1 and valid is None and conv.groups == conv.in_channels == conv.out_channels:
+            # One token: the depthwise conv is a dot product with the conv state (no conv1d set-up).
+            xb, new_conv = conv_step(conv_state, block.linear_x(x)[:, 0], conv.weight[:, 0, :], conv.bias)
+            xb, new_conv = xb.to(x.dtype)[:, None], new_conv.contiguous()  # [b, 1, w]
+        else:
+            xb = block.linear_x(x).transpose(1, 2)  # [b, w, t]
+            if valid is not None:
+                xb = torch.where(valid[:, None, :], xb, 0.0)
+            conv_in = shifted_conv_input(conv_state, xb, pad_left)  # pads go in front of the window
+            new_conv = conv_in[..., conv_in.shape[-1] - (self.conv_width - 1):].contiguous()
+            xb = F.conv1d(conv_in.to(conv.weight.dtype), conv.weight, conv.bias, groups=conv.groups)
+            xb = xb[..., xb.shape[-1] - t:].to(x.dtype).transpose(1, 2)  # [b, t, w]
         h, new_lru = self._rg_lru(block.rg_lru, xb, positions, lru_state, valid)
         return block.linear_out(h * y), new_conv, new_lru
 

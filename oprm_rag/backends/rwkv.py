@@ -21,10 +21,12 @@ from typing import Any
 
 import torch
 
+from ..kernels.step import embedding_fn, layer_norm_fn, linear_fn
 from ..state import RecurrentState
-from .base import Backend, ForwardOutput
+from ..threads import intra_op_threads
+from .base import Backend, ForwardOutput, StepSession, call_threads
 
-__all__ = ["RwkvBackend", "wkv_chunked"]
+__all__ = ["RwkvBackend", "wkv_chunked", "wkv_step"]
 
 # The "minus infinity" of an empty WKV state's running max (finite, so that
 # max_state - max stays finite: exp() of it is exactly 0 against any real key).
@@ -102,6 +104,25 @@ def wkv_chunked(time_decay: torch.Tensor, time_first: torch.Tensor, key: torch.T
     return out, torch.stack([num, den, mx], dim=1)
 
 
+def wkv_step(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`wkv_chunked` for one token, as RWKV's own recurrence: ``w`` = -exp(time_decay)
+    and ``u`` = time_first (float32, [d]); ``k, v`` [b, d]; ``state`` [b, 3, d]. Returns
+    the output [b, d] (float32) and the new state [b, 3, d]."""
+    k, v = k.float(), v.float()
+    num, den, mx = state.float().unbind(1)
+    mx = mx.clamp_min(_EMPTY_MAX)
+    ww = u + k
+    top = torch.maximum(mx, ww)
+    e_state, e_tok = torch.exp(mx - top), torch.exp(ww - top)
+    out = (e_state * num + e_tok * v) / (e_state * den + e_tok)
+    decayed = mx + w
+    top = torch.maximum(decayed, k)
+    e_state, e_tok = torch.exp(decayed - top), torch.exp(k - top)
+    new = torch.stack([e_state * num + e_tok * v, e_state * den + e_tok, top], dim=1)
+    return out, new
+
+
 class RwkvBackend(Backend):
     family = "rwkv"
     supports_left_padding = True
@@ -132,6 +153,11 @@ class RwkvBackend(Backend):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, state: RecurrentState | None = None, *,
                 all_logits: bool = False, pad_left: torch.Tensor | None = None) -> ForwardOutput:
+        with intra_op_threads(call_threads(self, input_ids.numel())):  # short calls: one thread
+            return self._forward(input_ids, state, all_logits, pad_left)
+
+    def _forward(self, input_ids: torch.Tensor, state: RecurrentState | None, all_logits: bool,
+                 pad_left: torch.Tensor | None) -> ForwardOutput:
         step = self._begin(input_ids, state, pad_left)
         b, t, state, pad_left, valid = step.batch, step.length, step.state, step.pad_left, step.mask
         self.use_cuda_kernels()  # no fused kernels: raises if kernels="cuda", else the torch path
@@ -195,3 +221,66 @@ class RwkvBackend(Backend):
                                                   + shifted * (1 - ffn.time_mix_receptance)))
         out = receptance * ffn.value(torch.square(torch.relu(key)))
         return out, x[:, -1].contiguous()
+
+    # ------------------------------------------------------------------ single-token path
+    def session(self, state: RecurrentState) -> StepSession:
+        return StepSession(self, state)
+
+    def _step_constants(self) -> dict[str, Any]:
+        body = self.body
+        if hasattr(body, "_rescale_layers"):
+            body._rescale_layers()
+        every = int(getattr(self.config, "rescale_every", 0) or 0)
+        halve = bool(getattr(body, "layers_are_rescaled", False)) and every > 0
+
+        def mix(module: Any, names: tuple[str, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            out = []
+            for name in names:
+                m = getattr(module, f"time_mix_{name}").reshape(-1)
+                out.append((m, 1 - m))
+            return out
+
+        blocks = []
+        for i, block in enumerate(body.blocks):
+            att, ffn = block.attention, block.feed_forward
+            blocks.append({
+                "pre_ln": layer_norm_fn(block.pre_ln) if i == 0 else None,
+                "ln1": layer_norm_fn(block.ln1), "ln2": layer_norm_fn(block.ln2),
+                "att_mix": mix(att, ("key", "value", "receptance")),
+                "att": [linear_fn(att.key), linear_fn(att.value), linear_fn(att.receptance), linear_fn(att.output)],
+                "w": -torch.exp(att.time_decay).float(), "u": att.time_first.float(),
+                "ffn_mix": mix(ffn, ("key", "receptance")),
+                "ffn": [linear_fn(ffn.key), linear_fn(ffn.receptance), linear_fn(ffn.value)],
+                "halve": halve and (i + 1) % every == 0,
+            })
+        head = self.model.get_output_embeddings()
+        return {"embed": embedding_fn(body.embeddings), "blocks": blocks, "ln_out": layer_norm_fn(body.ln_out),
+                "head": linear_fn(head), "head_dtype": head.weight.dtype}
+
+    def _step(self, ids: torch.Tensor, tensors: dict[str, torch.Tensor], c: dict[str, Any]) -> torch.Tensor:
+        """One token per row: token shift from the state, :func:`wkv_step` for the WKV."""
+        hidden = c["embed"](ids)  # [b, h]
+        for i, blk in enumerate(c["blocks"]):
+            if blk["pre_ln"] is not None:
+                hidden = blk["pre_ln"](hidden)
+            x = blk["ln1"](hidden)
+            last = tensors[f"att_shift.{i}"].to(x.dtype)
+            (mk, nk), (mv, nv), (mr, nr) = blk["att_mix"]
+            key_l, value_l, rec_l, out_l = blk["att"]
+            key = key_l(torch.addcmul(last * nk, x, mk))
+            value = value_l(torch.addcmul(last * nv, x, mv))
+            receptance = torch.sigmoid(rec_l(torch.addcmul(last * nr, x, mr)))
+            wkv, tensors[f"wkv.{i}"] = wkv_step(blk["w"], blk["u"], key, value, tensors[f"wkv.{i}"])
+            tensors[f"att_shift.{i}"] = x
+            hidden = hidden + out_l(receptance * wkv.to(key.dtype))
+            x = blk["ln2"](hidden)
+            last = tensors[f"ffn_shift.{i}"].to(x.dtype)
+            (mk, nk), (mr, nr) = blk["ffn_mix"]
+            key_l, rec_l, value_l = blk["ffn"]
+            key = key_l(torch.addcmul(last * nk, x, mk))
+            receptance = torch.sigmoid(rec_l(torch.addcmul(last * nr, x, mr)))
+            tensors[f"ffn_shift.{i}"] = x
+            hidden = hidden + receptance * value_l(torch.square(torch.relu(key)))
+            if blk["halve"]:
+                hidden = hidden / 2
+        return c["head"](c["ln_out"](hidden).to(c["head_dtype"])).float()

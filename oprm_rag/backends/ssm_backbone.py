@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
+from ..kernels.step import embedding_fn, linear_fn, rms_norm_fn
 from ..state import RecurrentState
-from .base import Backend, ForwardOutput, StepInput
+from ..threads import intra_op_threads
+from .base import Backend, ForwardOutput, StepInput, StepSession, call_threads
 
 __all__ = ["SSMBackboneBackend"]
 
@@ -48,12 +50,27 @@ class SSMBackboneBackend(Backend):
                use_kernel: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Layer ``i``'s mixer output and its new named state tensors."""
 
+    @abstractmethod
+    def _mixer_constants(self, i: int, mixer: Any) -> dict[str, Any]:
+        """Layer ``i``'s mixer weights and derived constants for :meth:`_mixer_step`."""
+
+    @abstractmethod
+    def _mixer_step(self, i: int, c: dict[str, Any], hidden: torch.Tensor,
+                    tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One token through layer ``i``'s mixer: ``hidden`` [b, d] (normed); updates
+        ``tensors`` (the session's own state) in place or by replacing its entries."""
+
     def _use_kernel(self, step: StepInput) -> bool:
         return self.use_cuda_kernels() and step.mask is None
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, state: RecurrentState | None = None, *,
                 all_logits: bool = False, pad_left: torch.Tensor | None = None) -> ForwardOutput:
+        with intra_op_threads(call_threads(self, input_ids.numel())):  # short calls: one thread
+            return self._forward(input_ids, state, all_logits, pad_left)
+
+    def _forward(self, input_ids: torch.Tensor, state: RecurrentState | None, all_logits: bool,
+                 pad_left: torch.Tensor | None) -> ForwardOutput:
         step = self._begin(input_ids, state, pad_left)
         use_kernel = self._use_kernel(step)
         new: dict[str, torch.Tensor] = {"position": step.position_after()}
@@ -70,3 +87,28 @@ class SSMBackboneBackend(Backend):
         if not all_logits:
             hidden = hidden[:, -1]
         return ForwardOutput(self._lm_head(hidden), RecurrentState(self.family, new))
+
+    # ------------------------------------------------------------------ single-token path
+    def session(self, state: RecurrentState) -> StepSession:
+        return StepSession(self, state)
+
+    def _step_constants(self) -> dict[str, Any]:
+        """Per-layer functions and constants, resolved once per decode session."""
+        layers = self.backbone.layers
+        head = self.model.get_output_embeddings()
+        return {
+            "embed": embedding_fn(self.backbone.embeddings),
+            "layers": [(rms_norm_fn(layer.norm), layer.norm.weight.dtype, bool(layer.residual_in_fp32),
+                        self._mixer_constants(i, layer.mixer)) for i, layer in enumerate(layers)],
+            "norm_f": rms_norm_fn(self.backbone.norm_f),
+            "head": linear_fn(head),
+            "head_dtype": head.weight.dtype,
+        }
+
+    def _step(self, ids: torch.Tensor, tensors: dict[str, torch.Tensor], c: dict[str, Any]) -> torch.Tensor:
+        """One token per row (``ids`` [b]) from the session's ``tensors``; logits [b, v]."""
+        hidden = c["embed"](ids)
+        for i, (norm, norm_dtype, fp32_residual, mc) in enumerate(c["layers"]):
+            residual = hidden.float() if fp32_residual else hidden
+            hidden = residual + self._mixer_step(i, mc, norm(hidden.to(norm_dtype)), tensors)
+        return c["head"](c["norm_f"](hidden).to(c["head_dtype"])).float()

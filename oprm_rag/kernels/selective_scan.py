@@ -10,6 +10,12 @@ This scan fixes both:
   ``addcmul`` per step into a preallocated buffer, in time blocks that bound memory
   (block x batch x d_inner x d_state floats at a time).
 
+On CPU, :func:`selective_scan_time_major` (what the Mamba backend calls) runs the whole
+scan in one pass of the native C kernel (``kernels/native.py``: discretisation, the
+recurrence with each channel's state in L1, the D skip and the gate, split over the
+intra-op threads), on the time-major layout the projections produce, so nothing of
+size [t, d, n] is ever written; the torch scan above is its fallback and reference.
+
 On CUDA with ``mamba-ssm`` installed, ``selective_scan_fn`` runs from a zero state and
 the initial state's contribution is added in closed form: the recurrence is linear in
 ``h``, so ``h_t = exp(A * cumsum(dt))_t * h0 + h_t|zero-start``.
@@ -20,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["selective_scan", "selective_scan_reference"]
+__all__ = ["selective_scan", "selective_scan_time_major", "selective_scan_reference"]
 
 # Target floats per time block of the [block, batch, d_inner, d_state] buffers (~1 MiB).
 _BLOCK_FLOATS = 1 << 18
@@ -78,6 +84,60 @@ def selective_scan(
     y = y + x.float() * D.float()[None, :, None]
     y = y * F.silu(z.float())
     return y.to(x.dtype), h.clone() if t else h
+
+
+def selective_scan_time_major(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    z: torch.Tensor,
+    dt_bias: torch.Tensor,
+    h0: torch.Tensor,
+    pad_left: torch.Tensor | None = None,
+    native: bool = True,
+    in_place: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`selective_scan` on time-major inputs, the layout the projections produce.
+
+    ``x, dt, z`` [b, t, d] (views with a unit channel stride are taken as they are; ``dt``
+    before softplus and bias, ``x`` zero on pads); ``B, C`` [b, t, n]; ``pad_left`` [b]
+    (or None): each row's first pads keep the state. Returns ``y`` [b, t, d] (in x's
+    dtype; 0 on pads) and the final state. On CPU with the native kernels
+    (``kernels/native.py``) discretisation, scan, skip and gate are one C pass that never
+    materialises the [t, d, n] discretised tensors; otherwise this is the torch scan.
+    ``in_place`` updates ``h0`` itself (a contiguous float32 tensor the caller owns, as a
+    decode session does).
+    """
+    if native and x.device.type == "cpu":
+        from . import native as _native
+
+        if _native.library() is not None and A.shape[-1] <= _native.MAX_STATE_TM:
+            ok = h0.dtype == torch.float32 and h0.is_contiguous()
+            h = h0 if (in_place and ok) else h0.float().clone(memory_format=torch.contiguous_format)
+            y = _native.mamba1_scan_tm(_unit(x.float()), _unit(dt.float()), A.float().t(), _unit(B.float()),
+                                       _unit(C.float()), D, _unit(z.float()), h, dt_bias=dt_bias, pad_left=pad_left)
+            if y is not None:
+                if in_place and not ok:
+                    h0.copy_(h)
+                return y.to(x.dtype), h
+    mask = None
+    if pad_left is not None:
+        mask = torch.arange(x.shape[1], device=x.device)[None, :] >= pad_left.to(x.device)[:, None]
+    y, h = selective_scan(x.transpose(1, 2), dt.transpose(1, 2), A, B, C, D, z.transpose(1, 2), dt_bias, h0,
+                          mask=mask)
+    y = y.transpose(1, 2)
+    if mask is not None:
+        y = y * mask[..., None].to(y.dtype)
+    if in_place:
+        h0.copy_(h)
+    return y, h
+
+
+def _unit(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def selective_scan_reference(x, dt, A, B, C, D, z, dt_bias, h0):

@@ -2,7 +2,9 @@
 
 The chunked form computes each chunk's outputs with a masked, attention-like product
 and carries the state across chunks with one decay per head, so it is matrix work,
-not a Python loop over time. It takes an initial state and returns the final one, so
+not a Python loop over time. Short inputs are never padded to the chunk length: a
+31-token question is one 31-token chunk (:func:`chunk_length`), and one token takes
+:func:`ssd_step`. It takes an initial state and returns the final one, so
 OPRM can continue every chunk from the shared-prefix state exactly.
 
 The scan also hosts the training-free state-collapse mitigations of Stuffed Mamba
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SSDParams", "ssd_scan", "ssd_step", "ssd_reference", "ssd_window_scan", "discretise_dt"]
+__all__ = ["SSDParams", "ssd_scan", "ssd_step", "ssd_reference", "ssd_window_scan", "discretise_dt",
+           "chunk_length"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,20 @@ def _expand_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t if groups == heads else t.repeat_interleave(heads // groups, dim=2)
 
 
+def chunk_length(t: int, chunk_size: int) -> int:
+    """The chunk length for ``t`` tokens: ``t`` itself up to ``chunk_size``, else chunks of
+    equal length (at most ``chunk_size``) that cover ``t`` with the least padding.
+
+    The chunked scan's cost per chunk is quadratic in its length and it pads the last
+    chunk, so a 31-token question (the OPRM question pass) must not pay for 64 tokens:
+    one chunk of 31 is exact and costs a quarter as much.
+    """
+    if t <= chunk_size:
+        return max(1, t)
+    chunks = -(-t // chunk_size)
+    return -(-t // chunks)
+
+
 def ssd_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -80,53 +97,67 @@ def ssd_scan(
     Shapes: ``x`` [b, t, h, p]; ``dt`` [b, t, h] already discretised (softplus, clamp);
     ``A`` [h] (negative); ``B, C`` [b, t, g, n]; ``h0`` [b, h, p, n]. Returns
     ``y`` [b, t, h, p] float32 (no D skip, no gate) and the final state (float32).
+    ``chunk_size`` is the longest chunk; the length used is :func:`chunk_length`. B and
+    C stay per group (heads of a group share them): the C.B products are computed once
+    per group, not once per head.
     """
     if params.normalize_state:
         return _ssd_recurrent(x, dt, A, B, C, h0, params)
     b, t, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    hg = h // g
+    L = chunk_length(t, chunk_size)
     xf = x.float()
-    Bf = _expand_groups(B.float(), h) * params.b_scale
-    Cf = _expand_groups(C.float(), h)
+    Bf = B.float() if params.b_scale == 1.0 else B.float() * params.b_scale
+    Cf = C.float()
     dA = dt * A.float()[None, None, :]  # [b, t, h] log-decay per step
     if params.alpha_scale != 1.0:  # not on padded steps (dt == 0), which must stay no-ops
         dA = dA + math.log(params.alpha_scale) * (dt > 0)
     xdt = xf * dt[..., None]
 
-    pad = (-t) % chunk_size
+    pad = (-t) % L
     if pad:
         xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))
         dA = F.pad(dA, (0, 0, 0, pad))
         Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
         Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
-    c = (t + pad) // chunk_size
-    xdt = xdt.view(b, c, chunk_size, h, p)
-    Bc = Bf.view(b, c, chunk_size, h, -1)
-    Cc = Cf.view(b, c, chunk_size, h, -1)
-    a = dA.view(b, c, chunk_size, h).permute(0, 3, 1, 2)  # [b, h, c, l]
+    c = (t + pad) // L
+    # Per chunk, heads-major: x*dt [b, c, h, L, p]; B, C [b, c, g, L, n]; log-decays [b, c, h, L].
+    xh = xdt.view(b, c, L, h, p).permute(0, 1, 3, 2, 4)
+    Bg = Bf.view(b, c, L, g, n).permute(0, 1, 3, 2, 4)
+    Cg = Cf.view(b, c, L, g, n).permute(0, 1, 3, 2, 4)
+    a = dA.view(b, c, L, h).permute(0, 1, 3, 2)
     a_cum = torch.cumsum(a, dim=-1)
 
     # Within each chunk: y_l = sum_s C_l.B_s * exp(a_{s+1..l}) * x_s dt_s
-    decay = torch.exp(_segsum(a))  # [b, h, c, l, s]
-    scores = torch.einsum("bclhn,bcshn->bhcls", Cc, Bc) * decay
-    y = torch.einsum("bhcls,bcshp->bclhp", scores, xdt)
+    decay = torch.exp(_segsum(a))  # [b, c, h, L, S]
+    cb = torch.matmul(Cg, Bg.transpose(-1, -2))  # [b, c, g, L, S], once per group
+    scores = (decay.view(b, c, g, hg, L, L) * cb[:, :, :, None]).view(b, c, h, L, L)
+    y = torch.matmul(scores, xh)  # [b, c, h, L, p]
 
-    # Each chunk's own contribution to the state at its end.
-    to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b, h, c, l]
-    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, to_end, xdt)
+    # Each chunk's own contribution to the state at its end: sum_l exp(a_{l+1..end}) x_l dt_l B_l.
+    to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b, c, h, L]
+    weighted = (xh * to_end[..., None]).transpose(-1, -2).reshape(b, c, g, hg, p, L)
+    chunk_states = torch.matmul(weighted, Bg[:, :, :, None]).view(b, c, h, p, n)
 
     # Carry states across chunks: s_k = exp(sum a of chunk k) s_{k-1} + chunk_states_k.
-    chunk_decay = torch.exp(a_cum[..., -1])  # [b, h, c]
-    starts = []
+    chunk_decay = torch.exp(a_cum[..., -1])  # [b, c, h]
     s = h0.float()
-    for k in range(c):
-        starts.append(s)
-        s = chunk_decay[:, :, k, None, None] * s + chunk_states[:, k]
-    start_states = torch.stack(starts, dim=1)  # [b, c, h, p, n]
+    if c == 1:
+        start_states = s[:, None]
+        s = chunk_decay[:, 0, :, None, None] * s + chunk_states[:, 0]
+    else:
+        starts = []
+        for k in range(c):
+            starts.append(s)
+            s = chunk_decay[:, k, :, None, None] * s + chunk_states[:, k]
+        start_states = torch.stack(starts, dim=1)  # [b, c, h, p, n]
 
-    # The start state's contribution inside each chunk.
-    y = y + torch.einsum("bclhn,bchpn->bclhp", Cc, start_states) * torch.exp(a_cum).permute(0, 2, 3, 1)[..., None]
-    y = y.reshape(b, c * chunk_size, h, p)[:, :t]
-    return y, s
+    # The start state's contribution inside each chunk: exp(a_{1..l}) C_l . s_start.
+    off = torch.matmul(Cg[:, :, :, None], start_states.view(b, c, g, hg, p, n).transpose(-1, -2))
+    y = y + off.view(b, c, h, L, p) * torch.exp(a_cum)[..., None]
+    y = y.permute(0, 1, 3, 2, 4).reshape(b, c * L, h, p)
+    return (y[:, :t] if pad else y), s
 
 
 def ssd_step(x, dt, A, B, C, h, params: SSDParams = NEUTRAL):

@@ -1,0 +1,404 @@
+/*
+ * oprm-rag's native CPU kernels: plain C99, no Python or torch headers.
+ *
+ * Loaded with ctypes by oprm_rag/kernels/native.py, which compiles this file with the
+ * system C compiler (at `make install`, else at first use) and falls back to the pure
+ * torch code whenever the library is missing. Every function works on float32 buffers
+ * (unit stride along channels; other strides given), touches only the rows or blocks
+ * [start, stop) it is given (so Python can run disjoint ranges on several threads;
+ * ctypes releases the GIL), and allocates nothing.
+ *
+ * Why C: the Mamba-1 recurrence h_t = exp(dt_t * A) h_{t-1} + dt_t x_t B_t needs one
+ * exp per (token, channel, state) and a sequential pass over time. In torch that means
+ * materialising [t, d, n] tensors and a Python loop of tiny ops; here it is one pass
+ * over time that keeps a block of channels' states in L1 and never writes the
+ * discretised tensors. A decode step of a small model is dozens of tiny torch ops; here
+ * a Mamba-2 mixer step is one call. exp, log and softplus are our own (Cephes'
+ * polynomials, ~1 ulp on the ranges used), branch-free so that the loops vectorise;
+ * target_clones builds AVX-512, AVX2 and baseline versions, picked at load time.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && (__GNUC__ >= 12)
+/* One build for every x86-64 machine: the loader picks the widest vectors the CPU has. */
+#define OPRM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && (__GNUC__ >= 6)
+#define OPRM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define OPRM_CLONES
+#endif
+
+/* exp(x) for x in [-87.3, 88.7] (clamped outside): 2^k * p(r), r = x - k ln 2. */
+static inline __attribute__((always_inline)) float oprm_expf(float x) {
+    x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+    float kf = x * 1.44269504088896341f;
+    kf = (kf + 12582912.0f) - 12582912.0f; /* round to nearest, vectorisable */
+    float r = x - kf * 0.693359375f;
+    r = r + kf * 2.12194440e-4f;
+    float z = r * r;
+    float p = 1.9875691500E-4f;
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * z + r + 1.0f;
+    int32_t k = (int32_t)kf;
+    int32_t bits = (k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* log(x) for finite x > 0 (Cephes' logf polynomial, ~1 ulp), branch-free. */
+static inline __attribute__((always_inline)) float oprm_logf(float x) {
+    int32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    int32_t e = ((bits >> 23) & 0xff) - 126;      /* x = m * 2^e, m in [0.5, 1) */
+    int32_t mbits = (bits & 0x007fffff) | 0x3f000000;
+    float m;
+    memcpy(&m, &mbits, sizeof m);
+    const int32_t small = m < 0.707106781186547524f; /* m in [sqrt(.5), sqrt(2)) after this */
+    e -= small;
+    m = small ? m + m - 1.0f : m - 1.0f;
+    const float z = m * m;
+    float p = 7.0376836292E-2f;
+    p = p * m - 1.1514610310E-1f;
+    p = p * m + 1.1676998740E-1f;
+    p = p * m - 1.2420140846E-1f;
+    p = p * m + 1.4249322787E-1f;
+    p = p * m - 1.6668057665E-1f;
+    p = p * m + 2.0000714765E-1f;
+    p = p * m - 2.4999993993E-1f;
+    p = p * m + 3.3333331174E-1f;
+    float r = p * m * z;
+    const float ef = (float)e;
+    r += -2.12194440e-4f * ef;
+    r += -0.5f * z;
+    return m + r + 0.693359375f * ef;
+}
+
+/* torch's softplus (beta 1, threshold 20): x above 20, else log1p(exp(x)). */
+static inline __attribute__((always_inline)) float oprm_softplus(float x) {
+    const float e = oprm_expf(x < 20.0f ? x : 20.0f);
+    const float u = 1.0f + e;
+    /* log1p(e) = log(u) - ((u - 1) - e) / u: exact-ish also for tiny e */
+    const float l = oprm_logf(u) - ((u - 1.0f) - e) / u;
+    return x > 20.0f ? x : l;
+}
+
+/* For tests: softplus over a buffer. */
+OPRM_CLONES
+void oprm_softplus_buf(int64_t count, const float *x, float *out) {
+    for (int64_t i = 0; i < count; i++) out[i] = oprm_softplus(x[i]);
+}
+
+/* For tests: exp over a buffer, so Python can check it against torch.exp. */
+OPRM_CLONES
+void oprm_exp(int64_t count, const float *x, float *out) {
+    for (int64_t i = 0; i < count; i++) out[i] = oprm_expf(x[i]);
+}
+
+/*
+ * Mamba-1 selective scan from a state, time-major, vectorised across channels:
+ *
+ *   h[n] <- exp(dt[t] * A[c, n]) * h[n] + dt[t] * x[t] * B[t, n]
+ *   y[t]  = (sum_n h[n] * C[t, n] + D[c] * x[t]) * silu(z[t])       (z == NULL: no gate)
+ *
+ * per batch row and channel c. x, dt, z, y are [b, t, d]
+ * (channel stride 1; batch and time strides given, so views of the projections need
+ * no copy), B, C are [b, t, n] (state stride 1), At is A transposed, [n, d]. With
+ * dt_bias, dt is the raw projection and is discretised here (softplus(dt + bias));
+ * with pads ([b] left pads per row), a row's first pads[r] steps keep its state and
+ * output 0. A block of OPRM_LANES channels keeps its [n, OPRM_LANES] state in L1 for
+ * the whole pass: no horizontal sums, one exp per (token, channel, state), nothing
+ * else written. Runs the blocks [block_start, block_stop), where block i is batch row
+ * i / nblocks, channels (i % nblocks) * OPRM_LANES ... (nblocks = ceil(d / LANES)).
+ */
+#define OPRM_LANES 16
+#define OPRM_MAX_STATE_TM 256
+
+typedef struct {
+    int64_t batch, time;
+} oprm_strides;
+
+static inline __attribute__((always_inline)) void scan_block(int64_t t, int64_t n, int64_t w, int64_t pad,
+                              const float *dt_bias, const float *x, oprm_strides sx,
+                              const float *dt, oprm_strides sdt, const float *At, int64_t d,
+                              const float *B, oprm_strides sb, const float *C, oprm_strides sc,
+                              const float *D, const float *z, oprm_strides sz, float *h, float *y,
+                              oprm_strides sy) {
+    /* x, dt, z, y, D, At, h already offset to this block's first channel (and batch).
+       Lanes past w (the last, partial block) compute on zeros and are never stored. */
+    float hs[OPRM_MAX_STATE_TM * OPRM_LANES] __attribute__((aligned(64)));
+    float at[OPRM_MAX_STATE_TM * OPRM_LANES] __attribute__((aligned(64)));
+    float dd[OPRM_LANES] __attribute__((aligned(64)));
+    float dv[OPRM_LANES] __attribute__((aligned(64)));
+    float xv[OPRM_LANES] __attribute__((aligned(64)));
+    float u[OPRM_LANES] __attribute__((aligned(64)));
+    float acc[OPRM_LANES] __attribute__((aligned(64)));
+    memset(hs, 0, sizeof(float) * (size_t)(n * OPRM_LANES));
+    memset(at, 0, sizeof(float) * (size_t)(n * OPRM_LANES));
+    memset(dd, 0, sizeof dd);
+    memset(dv, 0, sizeof dv);
+    memset(xv, 0, sizeof xv);
+    for (int64_t k = 0; k < n; k++)
+        for (int64_t j = 0; j < w; j++) {
+            hs[k * OPRM_LANES + j] = h[j * n + k];
+            at[k * OPRM_LANES + j] = At[k * d + j];
+        }
+    if (D)
+        for (int64_t j = 0; j < w; j++) dd[j] = D[j];
+    float db[OPRM_LANES] __attribute__((aligned(64)));
+    memset(db, 0, sizeof db);
+    if (dt_bias)
+        for (int64_t j = 0; j < w; j++) db[j] = dt_bias[j];
+    float *y0 = y;
+    for (int64_t s = 0; s < pad && s < t; s++) /* pads: state kept, output 0 */
+        for (int64_t j = 0; j < w; j++) y0[s * sy.time + j] = 0.0f;
+    for (int64_t s = pad; s < t; s++) {
+        const float *xs = x + s * sx.time, *dts = dt + s * sdt.time;
+        const float *Bs = B + s * sb.time, *Cs = C + s * sc.time;
+        if (w == OPRM_LANES) {
+#pragma omp simd aligned(dv, xv : 64)
+            for (int64_t j = 0; j < OPRM_LANES; j++) {
+                dv[j] = dts[j];
+                xv[j] = xs[j];
+            }
+        } else {
+            for (int64_t j = 0; j < w; j++) {
+                dv[j] = dts[j];
+                xv[j] = xs[j];
+            }
+        }
+        if (dt_bias) { /* discretise here: softplus(dt + bias), torch's threshold 20 */
+#pragma omp simd aligned(dv, db : 64)
+            for (int64_t j = 0; j < OPRM_LANES; j++) dv[j] = oprm_softplus(dv[j] + db[j]);
+        }
+#pragma omp simd aligned(dv, xv, u, acc : 64)
+        for (int64_t j = 0; j < OPRM_LANES; j++) {
+            u[j] = dv[j] * xv[j];
+            acc[j] = 0.0f;
+        }
+        for (int64_t k = 0; k < n; k++) {
+            const float bk = Bs[k], ck = Cs[k];
+            float *hk = hs + k * OPRM_LANES;
+            const float *ak = at + k * OPRM_LANES;
+#pragma omp simd aligned(hk, ak, dv, u, acc : 64)
+            for (int64_t j = 0; j < OPRM_LANES; j++) {
+                const float hv = oprm_expf(dv[j] * ak[j]) * hk[j] + u[j] * bk;
+                hk[j] = hv;
+                acc[j] += hv * ck;
+            }
+        }
+        float *ys = y + s * sy.time;
+        float out[OPRM_LANES] __attribute__((aligned(64)));
+        float zv[OPRM_LANES] __attribute__((aligned(64)));
+        if (z) {
+            const float *zs = z + s * sz.time;
+            if (w == OPRM_LANES) {
+#pragma omp simd aligned(zv : 64)
+                for (int64_t j = 0; j < OPRM_LANES; j++) zv[j] = zs[j];
+            } else {
+                for (int64_t j = 0; j < OPRM_LANES; j++) zv[j] = j < w ? zs[j] : 0.0f;
+            }
+#pragma omp simd aligned(out, acc, dd, xv, zv : 64)
+            for (int64_t j = 0; j < OPRM_LANES; j++)
+                out[j] = (acc[j] + dd[j] * xv[j]) * (zv[j] / (1.0f + oprm_expf(-zv[j])));
+        } else {
+#pragma omp simd aligned(out, acc, dd, xv : 64)
+            for (int64_t j = 0; j < OPRM_LANES; j++) out[j] = acc[j] + dd[j] * xv[j];
+        }
+        if (w == OPRM_LANES) {
+#pragma omp simd aligned(out : 64)
+            for (int64_t j = 0; j < OPRM_LANES; j++) ys[j] = out[j];
+        } else {
+            for (int64_t j = 0; j < w; j++) ys[j] = out[j];
+        }
+    }
+    for (int64_t k = 0; k < n; k++)
+        for (int64_t j = 0; j < w; j++) h[j * n + k] = hs[k * OPRM_LANES + j];
+}
+
+OPRM_CLONES
+int oprm_mamba1_scan_tm(int64_t b, int64_t d, int64_t t, int64_t n,
+                        const float *x, int64_t x_bs, int64_t x_ts,
+                        const float *dt, int64_t dt_bs, int64_t dt_ts, const float *dt_bias, const int64_t *pads,
+                        const float *At, const float *B, int64_t b_bs, int64_t b_ts,
+                        const float *C, int64_t c_bs, int64_t c_ts, const float *D,
+                        const float *z, int64_t z_bs, int64_t z_ts,
+                        float *h, float *y, int64_t y_bs, int64_t y_ts,
+                        int64_t block_start, int64_t block_stop) {
+    if (n > OPRM_MAX_STATE_TM) return -1;
+    (void)b;
+    const int64_t nblocks = (d + OPRM_LANES - 1) / OPRM_LANES;
+    for (int64_t i = block_start; i < block_stop; i++) {
+        const int64_t bi = i / nblocks, c0 = (i % nblocks) * OPRM_LANES;
+        const int64_t w = d - c0 < OPRM_LANES ? d - c0 : OPRM_LANES;
+        oprm_strides sx = {x_bs, x_ts}, sdt = {dt_bs, dt_ts}, sb = {b_bs, b_ts}, sc = {c_bs, c_ts};
+        oprm_strides sz = {z_bs, z_ts}, sy = {y_bs, y_ts};
+        scan_block(t, n, w, pads ? pads[bi] : 0, dt_bias ? dt_bias + c0 : NULL,
+                   x + bi * x_bs + c0, sx, dt + bi * dt_bs + c0, sdt, At + c0, d, B + bi * b_bs, sb,
+                   C + bi * c_bs, sc, D ? D + c0 : NULL, z ? z + bi * z_bs + c0 : NULL, sz,
+                   h + (bi * d + c0) * n, y + bi * y_bs + c0, sy);
+    }
+    return 0;
+}
+
+/*
+ * Causal depthwise conv (kernel K) over time-major input, from a conv state, with
+ * optional left padding and SiLU: what Mamba's mixers run before the scan.
+ *
+ * x: [b, t, d] (unit channel stride, given strides); state: [b, d, K-1] (contiguous, the
+ * previous K-1 inputs); w: [d, K]; bias: [d] or NULL; pads: [b] left pads per row or NULL.
+ * A row's pads are moved in front of its conv state, so its first real token sees the
+ * state (as shifted_conv_input does). out: [b, t, d] contiguous (0 at pads); new_state:
+ * [b, d, K-1], the last K-1 inputs after this call. Runs blocks [block_start, block_stop)
+ * of (batch row, OPRM_LANES channels), as the scan does.
+ */
+#define OPRM_MAX_K 16
+
+OPRM_CLONES
+int oprm_conv_tm(int64_t b, int64_t d, int64_t t, int64_t K, const float *x, int64_t x_bs, int64_t x_ts,
+                 const float *state, const float *w, const float *bias, const int64_t *pads, int act,
+                 float *out, float *new_state, int64_t block_start, int64_t block_stop) {
+    if (K > OPRM_MAX_K || K < 1) return -1;
+    (void)b;
+    const int64_t nblocks = (d + OPRM_LANES - 1) / OPRM_LANES, k1 = K - 1;
+    for (int64_t i = block_start; i < block_stop; i++) {
+        const int64_t bi = i / nblocks, c0 = (i % nblocks) * OPRM_LANES;
+        const int64_t wd = d - c0 < OPRM_LANES ? d - c0 : OPRM_LANES;
+        const int64_t p = pads ? pads[bi] : 0;
+        const float *xb = x + bi * x_bs + c0;
+        const float *st = state + (bi * d + c0) * k1;
+        float wk[OPRM_MAX_K][OPRM_LANES] __attribute__((aligned(64)));
+        float bb[OPRM_LANES] __attribute__((aligned(64)));
+        /* win[k] holds the input at position s - (K-1) + k for the current s. */
+        float win[OPRM_MAX_K][OPRM_LANES] __attribute__((aligned(64)));
+        memset(wk, 0, sizeof wk);
+        memset(bb, 0, sizeof bb);
+        memset(win, 0, sizeof win);
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t j = 0; j < wd; j++) wk[k][j] = w[(c0 + j) * K + k];
+        if (bias)
+            for (int64_t j = 0; j < wd; j++) bb[j] = bias[c0 + j];
+        /* Before the first real token the window is [zeros.., state]. */
+        for (int64_t k = 0; k < k1; k++)
+            for (int64_t j = 0; j < wd; j++) win[k + 1][j] = st[j * k1 + k];
+        float *ob = out + (bi * t) * d + c0;
+        for (int64_t s = 0; s < p && s < t; s++)
+            for (int64_t j = 0; j < wd; j++) ob[s * d + j] = 0.0f;
+        for (int64_t s = p; s < t; s++) {
+            for (int64_t k = 0; k < k1; k++)
+#pragma omp simd
+                for (int64_t j = 0; j < OPRM_LANES; j++) win[k][j] = win[k + 1][j];
+            const float *xs = xb + s * x_ts;
+            for (int64_t j = 0; j < wd; j++) win[k1][j] = xs[j];
+            float acc[OPRM_LANES] __attribute__((aligned(64)));
+#pragma omp simd
+            for (int64_t j = 0; j < OPRM_LANES; j++) acc[j] = bb[j];
+            for (int64_t k = 0; k < K; k++)
+#pragma omp simd
+                for (int64_t j = 0; j < OPRM_LANES; j++) acc[j] += wk[k][j] * win[k][j];
+            if (act)
+#pragma omp simd
+                for (int64_t j = 0; j < OPRM_LANES; j++) acc[j] = acc[j] / (1.0f + oprm_expf(-acc[j]));
+            for (int64_t j = 0; j < wd; j++) ob[s * d + j] = acc[j];
+        }
+        /* The new state: the window's last K-1 inputs (the old state shifted when t is short). */
+        float *ns = new_state + (bi * d + c0) * k1;
+        for (int64_t k = 0; k < k1; k++)
+            for (int64_t j = 0; j < wd; j++) ns[j * k1 + k] = win[k + 1][j];
+    }
+    return 0;
+}
+
+/*
+ * One decode step of a Mamba-2 mixer for rows [row_start, row_stop), everything between
+ * in_proj and out_proj: the conv as a dot product with the conv state (updated in place),
+ * SiLU, dt = softplus(dt + bias) clamped, the SSD state update (in place) with the
+ * Stuffed-Mamba scalings, y = C.h + D x, the SiLU(gate) and the grouped RMS norm.
+ *
+ * zxbcdt: [b, ld] rows of in_proj's output: gate [heads*p], then x [heads*p], B [g*n],
+ * C [g*n] (conv_dim = heads*p + 2*g*n), then dt [heads]. conv_state: [b, conv_dim, K-1];
+ * conv_w: [conv_dim, K]; conv_b: [conv_dim] or NULL; dt_bias, A, D: [heads]; h: [b, heads, p, n];
+ * norm_w: [heads*p]; scratch: [b, conv_dim]; y: [b, heads*p], the normed output.
+ */
+OPRM_CLONES
+int oprm_mamba2_step(int64_t b, int64_t heads, int64_t p, int64_t n, int64_t g, int64_t K, const float *zxbcdt,
+                     int64_t ld, float *conv_state, const float *conv_w, const float *conv_b, const float *dt_bias,
+                     float dt_lo, float dt_hi, const float *A, const float *D, float *h, const float *norm_w,
+                     int64_t norm_groups, float eps, float alpha_scale, float b_scale, int normalize,
+                     float *scratch, float *y, int64_t row_start, int64_t row_stop) {
+    (void)b;
+    if (K < 1 || K > OPRM_MAX_K || g < 1 || heads % g != 0 || norm_groups < 1 || (heads * p) % norm_groups != 0)
+        return -1;
+    const int64_t di = heads * p, gn = g * n, conv_dim = di + 2 * gn, k1 = K - 1, hpg = heads / g;
+    for (int64_t r = row_start; r < row_stop; r++) {
+        const float *row = zxbcdt + r * ld;
+        const float *gate = row, *xbc_in = row + di, *dt_raw = row + di + conv_dim;
+        float *cs = conv_state + r * conv_dim * k1;
+        float *xbc = scratch + r * conv_dim;
+        for (int64_t c = 0; c < conv_dim; c++) {
+            const float *w = conv_w + c * K;
+            float *st = cs + c * k1;
+            const float v = xbc_in[c];
+            float acc = conv_b ? conv_b[c] : 0.0f;
+            for (int64_t k = 0; k < k1; k++) acc += w[k] * st[k];
+            acc += w[k1] * v;
+            for (int64_t k = 0; k + 1 < k1; k++) st[k] = st[k + 1];
+            if (k1 > 0) st[k1 - 1] = v;
+            xbc[c] = acc / (1.0f + oprm_expf(-acc));
+        }
+        const float *x = xbc, *Bv = xbc + di, *Cv = xbc + di + gn;
+        float *yr = y + r * di;
+        float *hr = h + r * heads * p * n;
+        for (int64_t hh = 0; hh < heads; hh++) {
+            float dt = oprm_softplus(dt_raw[hh] + dt_bias[hh]);
+            dt = dt < dt_lo ? dt_lo : (dt > dt_hi ? dt_hi : dt);
+            float decay = oprm_expf(dt * A[hh]);
+            if (alpha_scale != 1.0f && dt > 0.0f) decay *= alpha_scale;
+            const float *Bg = Bv + (hh / hpg) * n, *Cg = Cv + (hh / hpg) * n;
+            float *hh_state = hr + hh * p * n;
+            float sq = 0.0f;
+            for (int64_t pi = 0; pi < p; pi++) {
+                float *hs = hh_state + pi * n;
+                const float u = x[hh * p + pi] * dt * b_scale;
+                float acc = 0.0f, s2 = 0.0f;
+#pragma omp simd reduction(+ : acc, s2)
+                for (int64_t k = 0; k < n; k++) {
+                    const float v = decay * hs[k] + u * Bg[k];
+                    hs[k] = v;
+                    acc += v * Cg[k];
+                    s2 += v * v;
+                }
+                yr[hh * p + pi] = acc;
+                sq += s2;
+            }
+            if (normalize) { /* h <- h / ||h|| per head, so y = C.h / ||h|| */
+                float norm = sqrtf(sq);
+                norm = norm < 1e-12f ? 1e-12f : norm;
+                const float inv = 1.0f / norm;
+                for (int64_t q = 0; q < p * n; q++) hh_state[q] *= inv;
+                for (int64_t pi = 0; pi < p; pi++) yr[hh * p + pi] *= inv;
+            }
+            for (int64_t pi = 0; pi < p; pi++) yr[hh * p + pi] += D[hh] * x[hh * p + pi];
+        }
+        for (int64_t q = 0; q < di; q++) {
+            const float gv = gate[q];
+            yr[q] *= gv / (1.0f + oprm_expf(-gv));
+        }
+        const int64_t gs = di / norm_groups;
+        for (int64_t ng = 0; ng < norm_groups; ng++) {
+            float *seg = yr + ng * gs;
+            float ms = 0.0f;
+            for (int64_t q = 0; q < gs; q++) ms += seg[q] * seg[q];
+            const float inv = 1.0f / sqrtf(ms / (float)gs + eps);
+            for (int64_t q = 0; q < gs; q++) seg[q] = norm_w[ng * gs + q] * (seg[q] * inv);
+        }
+    }
+    return 0;
+}
