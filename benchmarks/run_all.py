@@ -8,7 +8,7 @@ import sys
 import time
 
 BENCHMARKS = ["exactness", "mamba1_scan", "follow_up", "oprm_vs_plain", "memory", "associative_recall", "state_collapse",
-              "peers", "handoff", "served"]
+              "peers", "handoff", "served", "decode"]
 
 
 def main() -> None:

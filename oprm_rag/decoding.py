@@ -18,7 +18,8 @@ import torch
 
 from .engine import BaseTextStream
 from .errors import NonFiniteScoresError
-from .generation import Generation, GenerationConfig, TextAssembler, choose_next
+from .detokenize import IncrementalTextAssembler
+from .generation import Generation, GenerationConfig, choose_next
 from .scoring import nonfinite_rows
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,7 +49,7 @@ class Decoder:
     def pieces(self) -> Iterator[tuple[int, str]]:
         lm, cfg = self.lm, self.config
         b = len(self.results)
-        asms = [TextAssembler(lm.tokenizer, cfg.stop) for _ in range(b)]
+        asms = [IncrementalTextAssembler(lm.tokenizer, cfg.stop) for _ in range(b)]
         generator = cfg.generator(lm.device)
         eos = lm.eos_token_ids if cfg.stop_at_eos else set()
         done = [cfg.max_new_tokens == 0] * b

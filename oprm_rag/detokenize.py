@@ -70,21 +70,6 @@ class IncrementalTextAssembler(TextAssembler):
             self._head = self._decode(self.ids[self._context:n])
         return text
 
-    def add(self, token_id: int) -> str:
-        """Add a token; return the new text that is safe to show (maybe empty)."""
-        self.ids.append(token_id)
-        text = self._current_text()
-        cut = self._first_stop(text)
-        if cut is not None:
-            self.stopped = True
-            self.text = text[:cut]
-            return self._release(cut)
-        self.text = text
-        safe = len(text) - self._held_back(text)
-        # A trailing U+FFFD is an incomplete multi-byte character: wait for the next token.
-        safe = min(safe, len(text.rstrip("\ufffd")))
-        return self._release(safe)
-
     def finish(self) -> str:
         """Everything not yet emitted; the text is checked against one full decoding."""
         if not self.stopped and self.ids:

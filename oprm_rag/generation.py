@@ -152,10 +152,14 @@ class TextAssembler:
         self.text = ""
         self.stopped = False
 
+    def _current_text(self) -> str:
+        """The whole answer's text so far (here: a full decoding; see ``IncrementalTextAssembler``)."""
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
     def add(self, token_id: int) -> str:
         """Add a token; return the new text that is safe to show (maybe empty)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._current_text()
         cut = self._first_stop(text)
         if cut is not None:
             self.stopped = True

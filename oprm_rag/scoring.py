@@ -39,6 +39,8 @@ def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
     ``-inf`` on some tokens is fine (masked vocabulary); the softmax still exists.
     """
     lg = logits.float()
+    if bool(torch.isfinite(lg).all()):  # the common case, in one cheap pass (every decoding step)
+        return torch.zeros(lg.shape[0], dtype=torch.bool, device=lg.device)
     return torch.isnan(lg).any(-1) | torch.isposinf(lg).any(-1) | ~torch.isfinite(lg).any(-1)
 
 
