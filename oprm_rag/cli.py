@@ -264,6 +264,9 @@ def _main(argv: list[str]) -> int:
         if args.command == "demo":
             from .demo import run_demo
 
+            if args.base_url:
+                raise CLIError("the demo runs a model in this process (it shows its state size and plain "
+                               "inference beside OPRM); drop --base-url, or use `oprm-rag ask --base-url`", EXIT_USAGE)
             return run_demo(_engine(args).lm, facts=args.facts, seed=args.seed)
         return {"ask": _cmd_ask, "chat": _cmd_chat, "inspect": _cmd_inspect}[args.command](args)
 
