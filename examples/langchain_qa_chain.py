@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Document: {result['document_chars']:,} chars")
     print(f"Question: {result['question']}   (expected: {result['expected']})")
     print(f"Answer:   {result['answer']!r}")
-    print(f"Chunk:    chars {chunk.metadata['char_start']}-{chunk.metadata['char_end']}, "
+    print(f"Chunk:    chars {chunk.metadata['oprm_char_start']}-{chunk.metadata['oprm_char_end']}, "
           f"relevance {chunk.metadata['relevance_score']:.3f}, holds the fact: {result['fact_in_chunk']}")
     print(f"Handoff hit: {result['handoff_hit']} (prompt tokens resumed from the selector's state: "
           f"{result['usage'].get('input_token_details', {}).get('cache_read', 0)} of "

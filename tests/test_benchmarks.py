@@ -108,7 +108,10 @@ def test_handoff_quick(tmp_path):
 def test_served_quick(tmp_path):
     data = _run("served", tmp_path)
     assert data["selection_agreement_exact"] >= 0.95  # served and in-process pick the same chunks
-    assert data["evaluated_tokens"]["no_cache_prompt"]["first"]["server_reported"]
+    tokens = data["evaluated_tokens"]
+    assert tokens["no_cache_prompt"]["server_reported"] and tokens["cache_prompt"]["server_reported"]
+    # without the prompt cache the server evaluates every token it is sent
+    assert tokens["no_cache_prompt"]["first"]["evaluated_tokens"] == tokens["no_cache_prompt"]["first"]["prompt_tokens"]
 
 
 def test_exactness_quick(tmp_path):
