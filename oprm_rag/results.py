@@ -67,7 +67,7 @@ class Chunk:
 METADATA_KEYS: tuple[str, ...] = (
     "oprm_relevance", "oprm_entropy", "oprm_top_token", "oprm_is_idk", "oprm_rank", "oprm_doc_index",
     "oprm_chunk_index", "oprm_char_start", "oprm_char_end", "oprm_token_start", "oprm_token_end",
-    "oprm_question_logprob",
+    "oprm_question_logprob", "oprm_chunk_tokens", "oprm_chunk_tokens_reason",
 )
 
 
@@ -167,8 +167,9 @@ class ChunkScore:
             out["input_ids"] = list(self.input_ids)
         return out
 
-    def metadata(self) -> dict[str, Any]:
-        """The flat ``oprm_*`` keys that framework documents and nodes carry (``METADATA_KEYS``)."""
+    def metadata(self, usage: "Usage | None" = None) -> dict[str, Any]:
+        """The flat ``oprm_*`` keys that framework documents and nodes carry (``METADATA_KEYS``);
+        with the selection's ``usage``, also the resolved chunk size and why."""
         c = self.chunk
         meta: dict[str, Any] = {
             "oprm_relevance": float(self.relevance_score), "oprm_entropy": float(self.entropy),
@@ -179,6 +180,9 @@ class ChunkScore:
         }
         if self.question_logprob is not None:
             meta["oprm_question_logprob"] = float(self.question_logprob)
+        if usage is not None:
+            meta["oprm_chunk_tokens"] = usage.chunk_tokens
+            meta["oprm_chunk_tokens_reason"] = usage.chunk_tokens_reason
         return meta
 
 

@@ -58,8 +58,7 @@ def _langchain(lm, text, question):
     sel = LCSelector(model=lm)
     [doc] = sel.invoke({"question": question, "documents": text})
     m = doc.metadata
-    return ((m["oprm_char_start"], m["oprm_char_end"]), round(m["relevance_score"], 4),
-            sel.core_selector().chunk_tokens)
+    return (m["oprm_char_start"], m["oprm_char_end"]), round(m["relevance_score"], 4), m["oprm_chunk_tokens"]
 
 
 def _llamaindex(lm, text, question):
@@ -69,7 +68,7 @@ def _llamaindex(lm, text, question):
     pp = OPRMNodePostprocessor(model=lm)
     [node] = pp.postprocess_nodes([NodeWithScore(node=TextNode(text=text))], query_str=question)
     m = node.node.metadata
-    return (m["oprm_char_start"], m["oprm_char_end"]), round(node.score, 4), pp.selector().chunk_tokens
+    return (m["oprm_char_start"], m["oprm_char_end"]), round(node.score, 4), m["oprm_chunk_tokens"]
 
 
 def test_five_entry_points_choose_alike(case, tmp_path, capsys):

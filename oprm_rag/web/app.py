@@ -52,7 +52,7 @@ from ..cli_args import (CLIError, add_model_args, add_selector_args, engine_from
 from ..errors import DocumentError, InputError, ModelLoadError
 from ..options import SelectorOptions
 from .documents import DocumentStore, clean_name, read_upload
-from .engine import Event, SelectorService, ask_events
+from .service import Event, SelectorService, ask_events
 
 __all__ = ["create_app", "main", "WebSettings", "AskRequest", "TOKEN_ENV"]
 

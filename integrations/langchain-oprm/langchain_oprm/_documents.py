@@ -90,7 +90,7 @@ def selected_documents(request: Request, result: "SelectionResult") -> list[Docu
     out = []
     for score in result.selected:
         index = request.source_of[score.doc_index]
-        metadata: dict[str, Any] = {**request.sources[index].metadata, **score.metadata(),
+        metadata: dict[str, Any] = {**request.sources[index].metadata, **score.metadata(result.usage),
                                     "oprm_doc_index": index, "relevance_score": float(score.relevance_score)}
         out.append(Document(page_content=score.text, metadata=metadata))
     return out

@@ -59,7 +59,7 @@ class OPRMNodePostprocessor(OPRMSelectorOptions, BaseNodePostprocessor):
             logger.debug("OPRM: no node has text to score")
             return []
         result = self.selector().select(query_str, docs.texts, handoff=True)
-        return [docs.node(s) for s in result.selected]
+        return [docs.node(s, result.usage) for s in result.selected]
 
     def _start(self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle]) -> QueryBundle:
         dispatcher.event(ReRankStartEvent(query=query_bundle, nodes=nodes, top_n=self.top_n, model_name=self.model))

@@ -101,16 +101,17 @@ class NodeDocuments:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def node(self, score: "ChunkScore") -> NodeWithScore:
-        """The node for a chunk the selector scored over these documents."""
-        return chunk_node(self.owners[score.doc_index], score, self.positions[score.doc_index])
+    def node(self, score: "ChunkScore", usage: Any = None) -> NodeWithScore:
+        """The node for a chunk the selector scored over these documents (``usage``: the
+        selection's, to record the resolved chunk size)."""
+        return chunk_node(self.owners[score.doc_index], score, self.positions[score.doc_index], usage)
 
 
 def _excluded(keys: Sequence[str]) -> List[str]:
     return list(keys) + [k for k in OPRM_METADATA_KEYS if k not in keys]
 
 
-def chunk_node(source: BaseNode, score: "ChunkScore", position: int | None = None) -> NodeWithScore:
+def chunk_node(source: BaseNode, score: "ChunkScore", position: int | None = None, usage: Any = None) -> NodeWithScore:
     """A scored chunk of ``source`` as a node.
 
     A chunk that is the whole node keeps the node (a copy with the same id, so the index's
@@ -120,7 +121,7 @@ def chunk_node(source: BaseNode, score: "ChunkScore", position: int | None = Non
     ``position`` (the source's place in the nodes the caller passed) becomes ``oprm_doc_index``.
     """
     text = source.get_content(metadata_mode=MetadataMode.NONE)
-    meta = {**source.metadata, **score.metadata(), "oprm_source_node_id": source.node_id}
+    meta = {**source.metadata, **score.metadata(usage), "oprm_source_node_id": source.node_id}
     if position is not None:
         meta["oprm_doc_index"] = position
     excluded_llm = _excluded(source.excluded_llm_metadata_keys)

@@ -91,8 +91,8 @@ class OPRMQueryEngine(OPRMSelectorOptions, CustomQueryEngine):
             raise ValueError("OPRMQueryEngine has no node with text to read")
         return docs
 
-    def _sources(self, docs: NodeDocuments, scores: Sequence[Any]) -> List[NodeWithScore]:
-        return [docs.node(s) for s in scores]
+    def _sources(self, docs: NodeDocuments, scores: Sequence[Any], usage: Any) -> List[NodeWithScore]:
+        return [docs.node(s, usage) for s in scores]
 
     @staticmethod
     def _metadata(answer: Any, selection: Any = None) -> Dict[str, Any]:
@@ -110,10 +110,10 @@ class OPRMQueryEngine(OPRMSelectorOptions, CustomQueryEngine):
         sel = self.selector()
         if self.response_mode == "summary":
             answer = sel.summarize(docs.texts, query_str or None, generation=self._generation())
-            return Response(answer.text, self._sources(docs, answer.chunks), self._metadata(answer))
+            return Response(answer.text, self._sources(docs, answer.chunks, answer.usage), self._metadata(answer))
         result = sel.select(query_str, docs.texts)
         answer = sel.answer_from(result, generation=self._generation())  # decodes from the stored state
-        return Response(answer.text, self._sources(docs, result.selected), self._metadata(answer, result))
+        return Response(answer.text, self._sources(docs, result.selected, result.usage), self._metadata(answer, result))
 
     def _stream(self, query_str: str) -> StreamingResponse:
         """Scores now (so the selected chunks are known when the response is returned);
@@ -130,7 +130,7 @@ class OPRMQueryEngine(OPRMSelectorOptions, CustomQueryEngine):
             def summary_pieces() -> Generator[str, None, None]:
                 yield from summary
                 assert summary.answer is not None
-                sources.extend(self._sources(docs, summary.answer.chunks))
+                sources.extend(self._sources(docs, summary.answer.chunks, summary.answer.usage))
                 meta.update(self._metadata(summary.answer))
 
             return StreamingResponse(summary_pieces(), source_nodes=sources, metadata=meta)
@@ -144,7 +144,7 @@ class OPRMQueryEngine(OPRMSelectorOptions, CustomQueryEngine):
             assert stream.answer is not None
             meta.update(self._metadata(stream.answer, selection))
 
-        return StreamingResponse(answer_pieces(), source_nodes=self._sources(docs, selection.selected),
+        return StreamingResponse(answer_pieces(), source_nodes=self._sources(docs, selection.selected, selection.usage),
                                  metadata=meta)
 
     # ------------------------------------------------------------------ CustomQueryEngine
