@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine import ChunkSize, Engine
     from .prompts import PromptTemplate
 
-__all__ = ["SelectorOptions", "OptionSpec", "option_specs", "parse_chunk_tokens", "Boundary", "Criterion",
+__all__ = ["SelectorOptions", "OptionSpec", "option_specs", "parse_chunk_tokens", "check_names", "Boundary", "Criterion",
            "Fallback", "ChunkTokens", "MIN_CHUNK_TOKENS", "GENERATION_OPTION_NAMES"]
 
 Boundary = Literal["paragraph", "sentence"]
@@ -226,8 +226,14 @@ def _option_names() -> frozenset[str]:
     return _NAMES
 
 
-def _check_names(values: Mapping[str, Any]) -> None:
-    names = _option_names()
+def check_names(values: Mapping[str, Any], also: Any = ()) -> None:
+    """Refuse any name in ``values`` that is not an option (nor in ``also``: a component's
+    own fields), naming the closest option; a generation option is sent where it belongs."""
+    _check_names(values, frozenset(also))
+
+
+def _check_names(values: Mapping[str, Any], also: frozenset[str] = frozenset()) -> None:
+    names = _option_names() | also
     for key in values:
         if key in names:
             continue

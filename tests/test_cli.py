@@ -235,3 +235,28 @@ def test_internal_faults_are_reported_as_bugs(model_dir, doc_file, capsys, monke
     monkeypatch.setattr(OPRMSelector, "select_many", broken)
     got, _, err = run(["ask", doc_file, "-q", "q?", "--model", model_dir("mamba2")], capsys)
     assert got == 4 and "internal error" in err and "ValueError: deep inside the model" in err
+
+
+def test_binary_files_are_refused_in_one_line(model_dir, tmp_path, capsys):
+    blob = tmp_path / "image.png"
+    blob.write_bytes(bytes(range(256)) * 40)
+    got, out, err = run(["ask", blob, "-q", "q?", "--model", model_dir("mamba2")], capsys)
+    assert got == 1 and "binary" in err and "Traceback" not in err and out == ""
+
+
+def test_a_bad_byte_keeps_the_utf8_text_with_a_warning(model_dir, tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_bytes(("Café notes: the code of alpha is 1234. " * 5).encode("utf-8") + b"\xff" + b" more text.")
+    got, out, err = run(["inspect", f, "-q", "What is the code of alpha?", "--model", model_dir("mamba2"), "--json"],
+                        capsys)
+    assert got == 0 and "warning" in err and "Café" in json.loads(out)["chunks"][0]["text"]
+
+
+def test_non_utf8_stdin_is_read_by_the_same_rules(model_dir, capsys, monkeypatch):
+    import io
+
+    raw = ("The code of alpha is 1234. " * 4).encode("utf-8") + b"\xe9t\xe9 " + b"and more. " * 3
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8"))
+    got, out, err = run(["inspect", "-", "-q", "What is the code of alpha?", "--model", model_dir("mamba2"),
+                         "--json"], capsys)
+    assert got == 0 and "Traceback" not in err and json.loads(out)["chunks"]

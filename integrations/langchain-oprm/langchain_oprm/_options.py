@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from oprm_rag.options import SelectorOptions as CoreOptions
-from oprm_rag.options import option_specs
+from oprm_rag.options import check_names, option_specs
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, field_validator, model_validator
 
 from ._model import ModelLike, model_name, resolve, validate_model_field
@@ -41,9 +41,20 @@ _Generated: type[BaseModel] = create_model(  # type: ignore[call-overload]
 
 
 class SelectorFields(_Generated):  # type: ignore[misc, valid-type]
-    """OPRM selection settings (see ``oprm_rag.SelectorOptions``) and the model."""
+    """OPRM selection settings (see ``oprm_rag.SelectorOptions``) and the model.
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+    Unknown keywords are refused: a misspelt option silently ignored would change the
+    selection without a word.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=(), extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_names(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            check_names(values, also=cls.model_fields)
+        return values
 
     model: ModelLike = Field(description="An oprm_rag.RecurrentLM, an oprm_rag Engine (a served model), or a "
                                          "model folder / hub name loaded once per process on first use (never "

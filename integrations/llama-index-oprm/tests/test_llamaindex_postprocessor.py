@@ -189,3 +189,15 @@ def test_edge_cases(lm, question):
     assert pp.postprocess_nodes(as_nodes(["   "]), query_str=question) == []
     with pytest.raises(ValueError):
         pp.postprocess_nodes(as_nodes(["some text"]))
+
+
+def test_options_are_the_cores_and_misspellings_are_refused(tmp_path):
+    from pydantic import ValidationError
+
+    from oprm_rag.options import SelectorOptions
+
+    pp = OPRMNodePostprocessor(model=str(tmp_path / "m"), top_n=2, idk_threshold=0.4)
+    assert pp.core_options() == SelectorOptions(top_k=2, idk_threshold=0.4)
+    assert OPRMNodePostprocessor(model=str(tmp_path / "m")).core_options() == SelectorOptions()
+    with pytest.raises(ValidationError, match="did you mean 'cache'"):
+        OPRMNodePostprocessor(model=str(tmp_path / "m"), use_cache=False)

@@ -121,3 +121,15 @@ def test_selector_schemas_describe_its_input_and_output() -> None:
     assert output["type"] == "array" and output["items"]["$ref"].endswith("/Document")
     configurable = sel.configurable_fields(top_k=ConfigurableField(id="k", name="Top k"))
     assert "k" in configurable.get_config_jsonschema()["$defs"]["Configurable"]["properties"]
+
+
+def test_selector_and_compressor_take_every_core_option() -> None:
+    """Their fields are the core's: the same names and defaults, progress included."""
+    from oprm_rag.options import SelectorOptions
+
+    for cls in (OPRMSelector, OPRMCompressor):
+        made = cls(model=MISSING, show_progress=True, idk_threshold=0.5, chunk_tokens=None)
+        assert made.core_options() == SelectorOptions(show_progress=True, idk_threshold=0.5, chunk_tokens=None)
+        assert cls(model=MISSING).core_options() == SelectorOptions()  # no defaults of its own
+        with pytest.raises(ValidationError, match="did you mean 'chunk_tokens'"):
+            cls(model=MISSING, chunk_tokns=64)

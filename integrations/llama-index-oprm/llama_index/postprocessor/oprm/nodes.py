@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, create_model, model_validator
 from llama_index.core.schema import BaseNode, MetadataMode, NodeRelationship, NodeWithScore, TextNode
 from oprm_rag.options import SelectorOptions as CoreOptions
-from oprm_rag.options import option_specs
+from oprm_rag.options import check_names, option_specs
 from oprm_rag.results import METADATA_KEYS
 
 from llama_index.llms.oprm.utils import LazyModel
@@ -54,6 +54,13 @@ class OPRMSelectorOptions(LazyModel, _Generated):
     """
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_names(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            check_names(values, also=cls.model_fields)
+        return values
 
     top_n: int = Field(default=1, description="Chunks to keep, the best first (the core's top_k).")
     model_kwargs: Dict[str, Any] = Field(default_factory=dict,
