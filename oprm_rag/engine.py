@@ -26,7 +26,6 @@ question-likelihood criterion on engines that have full logits).
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Protocol, Sequence, runtime_checkable
@@ -104,10 +103,6 @@ class FirstTokens:
         if self.entropy_bounds is None:
             return self.entropy[row], self.entropy[row]
         return self.entropy_bounds[row]
-
-    @staticmethod
-    def is_finite(value: float) -> bool:
-        return math.isfinite(value)
 
 
 @runtime_checkable

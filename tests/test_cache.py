@@ -527,3 +527,18 @@ def test_writing_and_reading_a_large_entry_keeps_memory_within_the_budget_plus_a
     assert got["ok"]
     bound = 16 + 3 * 4 + 8  # the budget, a few batches in flight, allocator slack
     assert got["write_peak_mib"] < bound and got["read_peak_mib"] < bound, got
+
+
+def test_the_models_shared_cache_can_be_replaced(load_lm, tmp_path):
+    """``lm.context.use_document_cache`` swaps the cache every selector on the model shares."""
+    from oprm_rag import OPRMSelector
+
+    lm = load_lm("mamba2")
+    before = lm.context.document_cache()
+    try:
+        cache = lm.context.use_document_cache(max_bytes=1 << 20, directory=tmp_path / "c")
+        assert OPRMSelector(lm, chunk_tokens=32).cache is cache and cache is not before
+        OPRMSelector(lm, chunk_tokens=32).select("What is the code of alpha?", "The code of alpha is 1234. " * 8)
+        assert any((tmp_path / "c").rglob("*.safetensors"))
+    finally:
+        lm.context.use_document_cache(before)
