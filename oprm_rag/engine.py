@@ -229,6 +229,10 @@ class Engine(ABC):
     def start(self, prefix_ids: Sequence[int]) -> Extension:
         """Batch-1 state after ``prefix_ids`` (memoised), with last-position logits."""
 
+    def has_prefix(self, prefix_ids: Sequence[int]) -> bool:
+        """Whether ``start(prefix_ids)`` is already memoised (then it costs no tokens)."""
+        return False
+
     @abstractmethod
     def extend(self, states: Any, rows: Sequence[Sequence[int]], *,
                logits: LogitsWanted = "last") -> Extension:

@@ -171,7 +171,7 @@ class ScoringRun:
         the questions' pools and scores fill in as it goes."""
         engine = self.engine
         stores = engine.stores_states
-        known = getattr(engine, "has_prefix", lambda ids: False)(self.prefix_ids)
+        known = engine.has_prefix(self.prefix_ids)
         self.prefix = engine.start(self.prefix_ids)
         for q in self.questions:
             for pos, uid in enumerate(q.doc_uids):
