@@ -356,7 +356,10 @@ def test_client_leaving_stops_decoding(env: WebEnv) -> None:
             doc_id = _upload_text(client, env.doc.text)
             with client.stream("POST", "/api/ask", json={"doc_id": doc_id, "question": env.question,
                                                           "max_new_tokens": limit}) as r:
-                assert json.loads(next(r.iter_lines()))["type"] == "scores"
+                # Hold the line iterator: dropping it would close the connection at once
+                # (httpcore closes on GeneratorExit), racing the first piece on a cold model.
+                lines = r.iter_lines()
+                assert json.loads(next(lines))["type"] == "scores"
                 assert paused.wait(60)
         # The connection is closed; let the worker go on: the server must notice and stop it.
         gate.set()
