@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from .cli_args import (EXIT_INTERRUPT, EXIT_PIPE, EXIT_USAGE, CLIError, add_model_args, add_selector_args,
                        engine_from_args, positive_int, run_reporting, selector_options_from_args, startup_interrupts)

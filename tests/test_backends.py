@@ -256,11 +256,6 @@ def test_native_and_torch_step_paths_agree_and_the_native_one_is_taken(load_lm, 
     monkeypatch.setattr(native.Mamba2Step, "__call__", count("step", real_call))
     monkeypatch.setattr(native, "mamba1_scan_tm", count("scan", real_scan))
     monkeypatch.setattr(native, "causal_conv_tm", count("conv", real_conv))
-    import oprm_rag.backends.mamba as mamba_mod
-    import oprm_rag.backends.mamba2 as mamba2_mod
-
-    monkeypatch.setattr(mamba_mod, "native_conv", native.causal_conv_tm)
-    monkeypatch.setattr(mamba2_mod, "native_conv", native.causal_conv_tm)
     results = {}
     for on in (True, False):
         monkeypatch.setattr(native, "enabled", (lambda: True) if on else (lambda: False))

@@ -291,6 +291,41 @@ def shifted_conv_input(conv_state: torch.Tensor, x: torch.Tensor, pad_left: torc
     return full.gather(-1, src[:, None, :].expand(-1, full.shape[1], -1))
 
 
+def causal_conv_time_major(x: torch.Tensor, state: torch.Tensor, conv: Any, act: Any, silu: bool,
+                           mask: torch.Tensor | None, pad_left: torch.Tensor | None,
+                           use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Mamba mixer's depthwise causal conv and activation on ``x`` [b, t, c] (time-major),
+    continuing from the conv ``state`` [b, c, k-1]: the output [b, t, c] (0 on pads) and
+    the new conv state.
+
+    Mamba-1 and Mamba-2 differ only in which channels they convolve, so both call this.
+    On CPU in float32 it is one C pass (``kernels/native.py``: no transposes, SiLU fused
+    when ``silu``); else (CUDA kernels requested, other dtypes, no compiler) torch's conv1d.
+    """
+    from ..kernels.native import causal_conv_tm
+
+    dtype = x.dtype
+    if not use_kernel and x.device.type == "cpu" and dtype == torch.float32 == conv.weight.dtype:
+        out = causal_conv_tm(x, state, conv.weight[:, 0, :], conv.bias, pad_left, silu=silu)
+        if out is not None:
+            y, new_state = out
+            if not silu:
+                y = act(y)
+                if mask is not None:
+                    y = y * mask[..., None].to(y.dtype)
+            return y, new_state.to(state.dtype)
+    if mask is not None:
+        x = x * mask[..., None].to(x.dtype)
+    conv_in = shifted_conv_input(state, x.transpose(1, 2), pad_left)
+    new_state = conv_in[..., conv_in.shape[-1] - (conv.weight.shape[-1] - 1):].contiguous()
+    y = torch.nn.functional.conv1d(conv_in.to(conv.weight.dtype), conv.weight, conv.bias,
+                                   groups=conv.weight.shape[0])
+    y = act(y).to(dtype).transpose(1, 2)
+    if mask is not None:
+        y = y * mask[..., None].to(y.dtype)
+    return y.contiguous(), new_state
+
+
 _WARNED: set[str] = set()
 
 

@@ -13,10 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..kernels.native import causal_conv_tm as native_conv
 from ..kernels.selective_scan import selective_scan, selective_scan_time_major
 from ..kernels.step import act_fn, conv_step, is_silu, linear_fn, rms_norm_fn
-from .base import StepInput, shifted_conv_input
+from .base import StepInput, causal_conv_time_major
 from .ssm_backbone import SSMBackboneBackend
 
 __all__ = ["MambaBackend"]
@@ -74,28 +73,8 @@ class MambaBackend(SSMBackboneBackend):
               use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The causal conv and activation on ``x`` [b, t, d] (time-major): the output
         [b, t, d] (contiguous, 0 on pads) and the new conv state [b, d, k-1]."""
-        dtype, mask, conv = x.dtype, step.mask, mixer.conv1d
-        state = step.state.tensors[f"conv.{i}"]
-        if not use_kernel and x.device.type == "cpu" and dtype == torch.float32 == conv.weight.dtype:
-            silu = self._silu[i]
-            out = native_conv(x, state, conv.weight[:, 0, :], conv.bias, step.pad_left, silu=silu)
-            if out is not None:
-                y, new_state = out
-                if not silu:
-                    y = mixer.act(y)
-                    if mask is not None:
-                        y = y * mask[..., None].to(y.dtype)
-                return y, new_state.to(state.dtype)
-        xc = x.transpose(1, 2)  # [b, d, t]
-        if mask is not None:
-            xc = xc * mask[:, None, :].to(xc.dtype)
-        conv_in = shifted_conv_input(state, xc, step.pad_left)
-        new_conv = conv_in[..., conv_in.shape[-1] - (self.kernel - 1):].contiguous()
-        y = F.conv1d(conv_in.to(conv.weight.dtype), conv.weight, conv.bias, groups=self.d_inner)
-        y = mixer.act(y).to(dtype)
-        if mask is not None:
-            y = y * mask[:, None, :].to(y.dtype)
-        return y.transpose(1, 2).contiguous(), new_conv
+        return causal_conv_time_major(x, step.state.tensors[f"conv.{i}"], mixer.conv1d, mixer.act,
+                                      self._silu[i], step.mask, step.pad_left, use_kernel)
 
     # ------------------------------------------------------------------ single-token path
     def _mixer_constants(self, i: int, mixer: Any) -> dict[str, Any]:

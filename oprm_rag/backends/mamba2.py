@@ -12,10 +12,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..kernels.native import causal_conv_tm as native_conv
 from ..kernels.ssd import NEUTRAL, SSDParams, discretise_dt, ssd_scan, ssd_step, ssd_window_scan
 from ..kernels.step import act_fn, conv_step, is_silu, linear_fn
-from .base import StepInput, shifted_conv_input
+from .base import StepInput, causal_conv_time_major
 from .ssm_backbone import SSMBackboneBackend
 
 __all__ = ["Mamba2Backend"]
@@ -180,27 +179,8 @@ class Mamba2Backend(SSMBackboneBackend):
         """The causal conv and activation on ``xbc`` [b, t, c] (time-major): the output
         [b, t, c] (0 on pads) and the new conv state [b, c, k-1]. On CPU in float32 this is
         one C pass (``kernels/native.py``) with no transposes; else conv1d."""
-        dtype, mask, conv = xbc.dtype, step.mask, mixer.conv1d
-        state = step.state.tensors[f"conv.{i}"]
-        if not use_kernel and xbc.device.type == "cpu" and dtype == torch.float32 == conv.weight.dtype:
-            silu = self._silu[i]
-            out = native_conv(xbc, state, conv.weight[:, 0, :], conv.bias, step.pad_left, silu=silu)
-            if out is not None:
-                y, new_state = out
-                if not silu:
-                    y = mixer.act(y)
-                    if mask is not None:
-                        y = y * mask[..., None].to(y.dtype)
-                return y, new_state.to(state.dtype)
-        if mask is not None:
-            xbc = xbc * mask[..., None].to(xbc.dtype)
-        conv_in = shifted_conv_input(state, xbc.transpose(1, 2), step.pad_left)
-        new_state = conv_in[..., conv_in.shape[-1] - (self.kernel - 1):].contiguous()
-        y = F.conv1d(conv_in.to(conv.weight.dtype), conv.weight, conv.bias, groups=self.conv_dim)
-        y = mixer.act(y).to(dtype).transpose(1, 2)
-        if mask is not None:
-            y = y * mask[..., None].to(y.dtype)
-        return y, new_state
+        return causal_conv_time_major(xbc, step.state.tensors[f"conv.{i}"], mixer.conv1d, mixer.act,
+                                      self._silu[i], step.mask, step.pad_left, use_kernel)
 
     def _scan_cuda(self, x, dt, A, B, C, h0):  # pragma: no cover - needs CUDA and mamba-ssm
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
