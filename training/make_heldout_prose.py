@@ -1,49 +1,74 @@
-"""Write ``oprm_rag/demo/data/heldout_prose.txt``: filler prose the demo model never trains on.
+"""Write the prose files the demo model never trains on, one per source, into ``oprm_rag/demo/data/``.
 
-Sources: the Python Language Reference topics bundled with CPython (``pydoc_data``, PSF
-licence; the training corpus skips that package) and the text of the GNU GPL v3 (its
-verbatim copying is permitted), when this machine has it. One sentence a line.
+* ``heldout_<source>.txt`` for ``source`` in ``HELDOUT_SOURCES`` (the Python Language
+  Reference, the licences in /usr/share/common-licenses, the GNU info manuals): the
+  benchmarks' prose, each source reported separately;
+* ``unseen_<source>.txt`` for ``source`` in ``UNSEEN_SOURCES`` (manual pages, Perl's
+  documentation): prose that neither training nor this project's benchmarks use, kept
+  for others to test on.
+
+A sentence that two files would share stays only in the first (held-out before unseen,
+in the order above), and the training script drops every sentence of these files from
+its own corpus. Each file keeps at most ``--max-sentences`` (a seeded sample, in source
+order), so the package stays small. One sentence a line; ``#`` lines are the header.
+
+    python training/make_heldout_prose.py
 """
 
 from __future__ import annotations
 
-import re
+import argparse
+import random
+import sys
 from pathlib import Path
 
-from oprm_rag.demo.recall_task import _is_prose, split_sentences
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "training"))
 
-OUT = Path(__file__).resolve().parents[1] / "oprm_rag" / "data" / "heldout_prose.txt"
+from prose_sources import extract, norm  # noqa: E402
 
+from oprm_rag.demo.recall_task import HELDOUT_SOURCES, UNSEEN_SOURCES  # noqa: E402
 
-def _topics_sentences() -> list[str]:
-    from pydoc_data.topics import topics
+DATA = ROOT / "oprm_rag" / "demo" / "data"
 
-    out = []
-    for name in sorted(topics):
-        for block in re.split(r"\n\s*\n", topics[name]):
-            lines = block.splitlines()
-            if any(line.startswith(("   ", "\t", ">>>")) for line in lines[1:]):
-                continue
-            out += split_sentences(" ".join(l.strip() for l in lines))
-    return out
+DESCRIPTIONS = {
+    "python_reference": "the Python Language Reference topics bundled with CPython (pydoc_data; PSF licence)",
+    "licenses": "the licence texts in Debian's /usr/share/common-licenses (GPL, LGPL, GFDL, Apache-2.0, "
+                "MPL, Artistic, BSD, CC0; verbatim copying permitted)",
+    "gnu_info": "the GNU info manuals in /usr/share/info (coreutils, grep, sed, find, gzip, wget, gnupg, ...; "
+                "GFDL)",
+    "man_pages": "Debian's English manual pages, /usr/share/man sections 1-8, Perl's pages excluded "
+                 "(each under its package's licence)",
+    "perl_docs": "Perl's POD documentation under /usr/share/perl and /usr/share/perl5 (Artistic or GPL)",
+}
 
 
 def main() -> None:
-    sentences = _topics_sentences()
-    gpl = Path("/usr/share/common-licenses/GPL-3")
-    if gpl.exists():
-        sentences += split_sentences(gpl.read_text())
-    seen, kept = set(), []
-    for s in sentences:
-        s = re.sub(r"[\"`*]", "", s)
-        if _is_prose(s) and s not in seen:
-            seen.add(s)
-            kept.append(s)
-    header = ("# Held-out filler prose for the associative-recall task (one sentence a line).\n"
-              "# From the Python Language Reference (pydoc_data, PSF licence) and the GNU GPL v3 text.\n"
-              "# Made by training/make_heldout_prose.py. The demo model never trained on it.\n")
-    OUT.write_text(header + "\n".join(kept) + "\n", encoding="utf-8")
-    print(f"{len(kept)} sentences -> {OUT}")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-sentences", type=int, default=2500)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    taken: set[str] = set()
+    for kind, names in (("heldout", HELDOUT_SOURCES), ("unseen", UNSEEN_SOURCES)):
+        for name in names:
+            sentences, own = [], set()
+            for s in extract(name):  # a sentence two sources share stays in the first one only
+                if norm(s) not in taken and norm(s) not in own:
+                    own.add(norm(s))
+                    sentences.append(s)
+            if len(sentences) > args.max_sentences:
+                keep = sorted(random.Random(f"{args.seed}:{name}").sample(range(len(sentences)), args.max_sentences))
+                sentences = [sentences[i] for i in keep]
+            taken.update(norm(s) for s in sentences)
+            use = ("the benchmarks' held-out prose (never in the demo model's training data)" if kind == "heldout"
+                   else "prose that neither the demo model's training nor this project's benchmarks use")
+            header = (f"# {name}: {use}.\n"
+                      f"# From {DESCRIPTIONS[name]}.\n"
+                      f"# {len(sentences)} sentences, one a line. Made by training/make_heldout_prose.py.\n")
+            out = DATA / f"{kind}_{name}.txt"
+            out.write_text(header + "\n".join(sentences) + "\n", encoding="utf-8")
+            print(f"{kind:8s} {name:18s} {len(sentences):6d} sentences -> {out.relative_to(ROOT)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,15 @@ repository:
   ``The code of KEY is VALUE.``, where KEY is a made-up lowercase word of 4 to 8
   letters and VALUE a 4-digit number;
 * questions read ``What is the code of KEY?``; the answer is VALUE, or the IDK word
-  ``Error`` when the document holds no fact for KEY.
+  ``Error`` when the document holds no fact for KEY. Hard absent keys are near misses of
+  present ones (:func:`near_miss_key`: one letter changed, same prefix or suffix, one
+  letter more or less, two letters swapped).
+
+The filler prose comes from sources the shipped model never trained on, one file each
+under ``data/``: :data:`HELDOUT_SOURCES` (the benchmarks' prose, read with
+:func:`heldout_prose`) and :data:`UNSEEN_SOURCES` (prose that neither its training nor
+this project's benchmarks use, for anyone who wants an untouched test: read with
+:func:`unseen_prose`). ``training/make_heldout_prose.py`` writes them.
 
 This module is pure Python (no torch): the training script, the benchmarks, the demo
 and the tests all build their documents with it.
@@ -37,6 +45,11 @@ __all__ = [
     "split_sentences",
     "stdlib_prose",
     "heldout_prose",
+    "unseen_prose",
+    "HELDOUT_SOURCES",
+    "UNSEEN_SOURCES",
+    "NEAR_MISS_KINDS",
+    "near_miss_key",
     "build_document",
 ]
 
@@ -45,7 +58,16 @@ QUESTION_TEMPLATE = "What is the code of {key}?"
 IDK_WORD = "Error"
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
-_HELDOUT_FILE = Path(__file__).parent / "data" / "heldout_prose.txt"
+_DATA = Path(__file__).parent / "data"
+_HELDOUT_FILE = _DATA / "heldout_prose.txt"
+
+#: Prose sources of the benchmarks (``data/heldout_<source>.txt``): never in the demo
+#: model's training data. ``heldout_prose(source)`` reads one.
+HELDOUT_SOURCES = ("python_reference", "licenses", "gnu_info")
+#: Prose sources that neither the demo model's training nor this project's benchmarks use
+#: (``data/unseen_<source>.txt``): kept for anyone who wants to test on prose nobody here
+#: has looked at. ``unseen_prose(source)`` reads one.
+UNSEEN_SOURCES = ("man_pages", "perl_docs")
 
 
 @dataclass(frozen=True)
@@ -80,6 +102,55 @@ def random_key(rng: random.Random) -> str:
 def random_value(rng: random.Random) -> str:
     """A 4-digit number (1000-9999), as text."""
     return str(rng.randint(1000, 9999))
+
+
+#: How :func:`near_miss_key` changes a present key into an absent one.
+NEAR_MISS_KINDS = ("substitute", "prefix", "suffix", "truncate", "extend", "swap")
+
+
+def near_miss_key(rng: random.Random, key: str, taken: set[str] | frozenset[str] = frozenset(),
+                  kind: str | None = None) -> str:
+    """A valid key (4-8 lowercase letters) that is not in ``taken`` and differs from ``key`` a little.
+
+    These are the hard absent keys: a model that matches a key by its first letters, its
+    last letters or most of its tokens answers a code for them. ``kind`` (random when
+    None) is one of :data:`NEAR_MISS_KINDS`: one letter replaced; the first 2-4 letters
+    kept and the rest new; the last 2-4 letters kept; one letter dropped at either end;
+    one letter added at either end; two neighbouring letters swapped. Where a kind cannot
+    make a new key (``swap`` on ``"aaaa"``), another kind is tried.
+    """
+    if not (4 <= len(key) <= 8 and key.isalpha() and key.islower()):
+        raise ValueError(f"not a task key (4-8 lowercase letters): {key!r}")
+    if kind is not None and kind not in NEAR_MISS_KINDS:
+        raise ValueError(f"unknown near-miss kind {kind!r}; known: {NEAR_MISS_KINDS}")
+    banned = set(taken) | {key}
+    for attempt in range(200):
+        k = kind if (kind is not None and attempt < 20) else rng.choice(NEAR_MISS_KINDS)
+        n = len(key)
+        if k == "substitute":
+            i = rng.randrange(n)
+            new = key[:i] + rng.choice(_LETTERS.replace(key[i], "")) + key[i + 1:]
+        elif k == "prefix":
+            keep = rng.randint(2, min(4, n - 1))
+            new = key[:keep] + "".join(rng.choice(_LETTERS) for _ in range(rng.randint(max(4, keep + 1), 8) - keep))
+        elif k == "suffix":
+            keep = rng.randint(2, min(4, n - 1))
+            new = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(max(4, keep + 1), 8) - keep)) + key[-keep:]
+        elif k == "truncate":
+            if n <= 4:
+                continue
+            new = key[:-1] if rng.random() < 0.5 else key[1:]
+        elif k == "extend":
+            if n >= 8:
+                continue
+            c = rng.choice(_LETTERS)
+            new = key + c if rng.random() < 0.5 else c + key
+        else:  # swap
+            i = rng.randrange(n - 1)
+            new = key[:i] + key[i + 1] + key[i] + key[i + 2:]
+        if new not in banned and 4 <= len(new) <= 8:
+            return new
+    raise ValueError(f"could not make a near miss of {key!r} outside the {len(banned)} taken keys")
 
 
 def fact_sentence(fact: Fact) -> str:
@@ -161,15 +232,32 @@ def stdlib_prose() -> tuple[str, ...]:
     return tuple(sentences)
 
 
-@lru_cache(maxsize=1)
-def heldout_prose() -> tuple[str, ...]:
-    """Sentences from a prose source the demo model never saw in training.
-
-    The file holds prose from the Python Language Reference (``pydoc_data``), which the
-    training corpus excludes, and the text of the GNU GPL v3; see its header.
-    """
-    lines = _HELDOUT_FILE.read_text(encoding="utf-8").splitlines()
+def _read_sentences(path: Path) -> tuple[str, ...]:
+    lines = path.read_text(encoding="utf-8").splitlines()
     return tuple(line for line in lines if line and not line.startswith("#"))
+
+
+@lru_cache(maxsize=None)
+def heldout_prose(source: str | None = None) -> tuple[str, ...]:
+    """Sentences from prose sources the demo model never saw in training.
+
+    ``source`` is one of :data:`HELDOUT_SOURCES` (each file's header says where its
+    sentences come from and under which licence). Without it: the benchmarks' default
+    held-out prose.
+    """
+    if source is None:
+        return _read_sentences(_HELDOUT_FILE)
+    if source not in HELDOUT_SOURCES:
+        raise ValueError(f"unknown held-out prose source {source!r}; known: {HELDOUT_SOURCES}")
+    return _read_sentences(_DATA / f"heldout_{source}.txt")
+
+
+@lru_cache(maxsize=None)
+def unseen_prose(source: str) -> tuple[str, ...]:
+    """Sentences from a source that neither training nor this project's benchmarks use."""
+    if source not in UNSEEN_SOURCES:
+        raise ValueError(f"unknown unseen prose source {source!r}; known: {UNSEEN_SOURCES}")
+    return _read_sentences(_DATA / f"unseen_{source}.txt")
 
 
 def build_document(

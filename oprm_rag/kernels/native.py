@@ -173,26 +173,24 @@ def parallel_rows(rows: int, run: Callable[[int, int], None], threads: int | Non
         f.result()
 
 
-def native_exp(x: torch.Tensor) -> torch.Tensor:
-    """The kernels' own exp, elementwise (for tests). Needs the library."""
+def _elementwise(symbol: str, x: torch.Tensor) -> torch.Tensor:
     lib = library()
     if lib is None:
         raise RuntimeError(f"native kernels unavailable: {BUILD_ERROR}")
     x = x.float().contiguous()
     out = torch.empty_like(x)
-    lib.oprm_exp(x.numel(), x.data_ptr(), out.data_ptr())
+    getattr(lib, symbol)(x.numel(), x.data_ptr(), out.data_ptr())
     return out
+
+
+def native_exp(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' own exp, elementwise (for tests). Needs the library."""
+    return _elementwise("oprm_exp", x)
 
 
 def native_softplus(x: torch.Tensor) -> torch.Tensor:
     """The kernels' own softplus, elementwise (for tests). Needs the library."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"native kernels unavailable: {BUILD_ERROR}")
-    x = x.float().contiguous()
-    out = torch.empty_like(x)
-    lib.oprm_softplus_buf(x.numel(), x.data_ptr(), out.data_ptr())
-    return out
+    return _elementwise("oprm_softplus_buf", x)
 
 
 LANES = 16  # channels per block in the time-major scan (OPRM_LANES in the C file)
