@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 DOCUMENT = " ".join(
     f"The {who} of the village is called {name}. " + "Nothing else of note happened on that day. " * 5
@@ -71,8 +71,11 @@ def run(base_url: str, model: str, tokenizer: str | None = None, question: str =
                                                                best.metadata["oprm_char_end"])}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def served_main(doc: str | None, argv: list[str] | None, run: Callable[..., dict[str, Any]],
+                show: Callable[[dict[str, Any]], str]) -> int:
+    """The served examples' shared command line: a server given by --base-url, or llama-server
+    started on SmolLM2 for the run; ``run`` answers, ``show`` says what it found."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", default=None, help="an OpenAI-compatible server (default: start llama-server)")
     p.add_argument("--model", default=None, help="the served model's name")
     p.add_argument("--tokenizer", default=None, help="the model's tokenizer folder (default: the server's /tokenize)")
@@ -80,9 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with (contextlib.nullcontext((args.base_url, args.model)) if args.base_url else smollm2_server()) as (url, name):
         out = run(url, name, args.tokenizer, args.question)
-    print(f"Question: {out['question']}\nAnswer:   {out['answer']}\n"
-          f"Chunk (chars {out['span'][0]}-{out['span'][1]}, entropy {out['entropy']:.3f}): {out['chunk'][:160]!r}")
+    print(show(out))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return served_main(__doc__, argv, run, lambda out: (
+        f"Question: {out['question']}\nAnswer:   {out['answer']}\n"
+        f"Chunk (chars {out['span'][0]}-{out['span'][1]}, entropy {out['entropy']:.3f}): {out['chunk'][:160]!r}"))
 
 
 if __name__ == "__main__":

