@@ -108,19 +108,11 @@ def _kept(score: Any, tau: float | None) -> bool:
 
 def _answers(sel: Any, asks: list[tuple[str, str]], doc_text: str) -> list[tuple[str, Any]]:
     """(decoded answer, the answer's chunk scores) for every question about ``doc_text``."""
+    from oprm_rag.demo import answer_all
     from oprm_rag.demo.recall_task import question_for
 
-    out = []
-    if hasattr(sel, "select_many") and hasattr(sel, "answer_from"):
-        results = sel.select_many([(question_for(key), doc_text) for key, _ in asks])
-        for res in results:
-            ans = sel.answer_from(res, max_new_tokens=6)
-            out.append((ans.text.strip(), ans.chunks))
-    else:
-        for key, _ in asks:
-            ans = sel.answer(question_for(key), doc_text, max_new_tokens=6)
-            out.append((ans.text.strip(), ans.chunks))
-    return out
+    answers = answer_all(sel, [question_for(key) for key, _ in asks], doc_text, max_new_tokens=6)
+    return [(a.text.strip(), a.chunks) for a in answers]
 
 
 def main() -> None:

@@ -167,7 +167,13 @@ def main() -> None:
                 picked = [served_sel.select(q, d) for q, d in batch]
                 st = served.reset_stats()
                 row[phase] = {"prompt_tokens": st.prompt_tokens, "evaluated_tokens": st.evaluated_tokens}
-            served_sel.stream_from(picked[-1], max_new_tokens=5).text()  # the answer right after its scoring
+            # The answer right after its scoring (from a selection with a winner: where every
+            # chunk said the IDK word the answer is that word, and nothing is sent).
+            with_winner = [p for p in picked if p.best is not None]
+            if not with_winner:
+                raise SystemExit("served benchmark: every chunk of every question answered the IDK word; "
+                                 "no answer to time")
+            served_sel.stream_from(with_winner[-1], max_new_tokens=5).text()
             st = served.reset_stats()
             row["answer"] = {"prompt_tokens": st.prompt_tokens, "evaluated_tokens": st.evaluated_tokens}
             row["server_reported"] = st.reported_evaluation

@@ -84,5 +84,5 @@ def load_demo_lm(device: str | None = None, **kwargs: Any) -> "RecurrentLM":
         from .errors import ModelLoadError
 
         raise ModelLoadError(f"the demo model is missing from {DEMO_MODEL}; reinstall oprm-rag "
-                                "or run `python training/train_demo_model.py`")
+                                "or run `make train-demo-model` (a fine-tune of training/checkpoints/demo-v1)")
     return RecurrentLM.from_pretrained(DEMO_MODEL, device=device, **kwargs)

@@ -80,6 +80,24 @@ def test_associative_recall_quick(tmp_path):
     data = _run("associative_recall", tmp_path)
     assert data["rows"] and all(0.0 <= v <= 1.0 for r in data["rows"] for k, v in r.items()
                                 if k.startswith(("plain", "oprm")))
+    # every source is its own row, next to the pooled one
+    assert {r["source"] for r in data["rows"]} == set(data["sources"]) | {"all"}
+    fp = data["false_positives"]["all"]
+    assert fp["key_free_pairs"] > 0 and set(data["false_positives"]["by_source"]) == set(data["sources"])
+    for rule in ("paper", "idk_prob>0.2"):
+        r = fp[rule]
+        assert r["kept"] <= fp["key_free_pairs"] and r["ci95"][0] <= r["rate"] <= r["ci95"][1]
+    # a stricter threshold never keeps more key-free chunks than a looser one, nor than the paper's rule
+    assert fp["idk_prob>0.05"]["kept"] <= fp["idk_prob>0.2"]["kept"] <= fp["paper"]["kept"]
+
+
+def test_clopper_pearson_interval_is_exact():
+    from benchmarks.associative_recall import clopper_pearson
+
+    lo, hi = clopper_pearson(0, 5000)
+    assert lo == 0.0 and abs(hi - (1 - 0.025 ** (1 / 5000))) < 1e-6  # the closed form at k = 0
+    lo, hi = clopper_pearson(10, 100)
+    assert abs(lo - 0.0490) < 5e-4 and abs(hi - 0.1762) < 5e-4  # textbook values
 
 
 def test_state_collapse_quick(tmp_path):

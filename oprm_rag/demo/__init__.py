@@ -3,7 +3,8 @@
 It hides facts (``The code of KEY is VALUE.``) in prose the model never trained on,
 makes the document several times longer than the model's training context, asks for
 one code, and prints plain inference's answer next to OPRM's, the winning chunk with
-its char span, and the entropy of every chunk.
+its char span, and the entropy of every chunk. One question can be lucky or unlucky, so
+it then asks about many keys of the same document, present and absent, and tallies both.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import sys
 import time
 from typing import Any
 
-from .recall_task import build_document, heldout_prose, question_for
+from .recall_task import IDK_WORD, build_document, heldout_prose, question_for, random_key
 
-__all__ = ["run_demo", "demo_document"]
+__all__ = ["run_demo", "demo_document", "answer_all"]
 
 
 def demo_document(facts: int, seed: int, tokens_per_fact: int = 32, chars_per_token: float = 4.2):
@@ -25,7 +26,14 @@ def demo_document(facts: int, seed: int, tokens_per_fact: int = 32, chars_per_to
     return doc, target
 
 
-def run_demo(lm: Any, facts: int = 96, seed: int = 7, out=sys.stdout) -> int:
+def answer_all(selector: Any, questions: list[str], text: str, max_new_tokens: int = 8) -> list[Any]:
+    """Every question about one document, scored in shared batches (the document's chunk
+    states are built once), each answered from its own winning chunk: ``Answer`` objects."""
+    return [selector.answer_from(res, max_new_tokens=max_new_tokens)
+            for res in selector.select_many([(q, text) for q in questions])]
+
+
+def run_demo(lm: Any, facts: int = 96, seed: int = 7, out=sys.stdout, tally: tuple[int, int] = (24, 8)) -> int:
     from ..report import describe_chunk, entropy_bars
     from ..selector import OPRMSelector
 
@@ -64,4 +72,25 @@ def run_demo(lm: Any, facts: int = 96, seed: int = 7, out=sys.stdout) -> int:
         say(f"  (the fact sits {'inside' if holds else 'outside'} this span)\n")
     say("Entropy of the first answer token, per chunk:")
     say(entropy_bars(oprm.chunks, width=36, max_rows=30))
+
+    n_present, n_absent = tally
+    if n_present + n_absent:
+        rng = random.Random(seed + 1)
+        present = rng.sample(doc.facts, min(n_present, len(doc.facts)))
+        taken = {f.key for f in doc.facts}
+        absent = []
+        while len(absent) < n_absent:
+            key = random_key(rng)
+            if key not in taken:
+                taken.add(key)
+                absent.append(key)
+        questions = [question_for(f.key) for f in present] + [question_for(k) for k in absent]
+        wanted = [f.value for f in present] + [IDK_WORD] * len(absent)
+        say(f"\nAll {len(present)} codes asked for, and {len(absent)} keys the document lacks "
+            f"(right answer: {IDK_WORD}), same document:")
+        for name, chunk_tokens in (("Plain inference", None), ("OPRM", "auto")):
+            answers = answer_all(OPRMSelector(lm, chunk_tokens=chunk_tokens), questions, doc.text)
+            right = [a.text.strip() == w for a, w in zip(answers, wanted)]
+            say(f"  {name:<16} codes right {sum(right[:len(present)]):>3}/{len(present)}   "
+                f"{IDK_WORD} on absent keys {sum(right[len(present):]):>3}/{len(absent)}")
     return 0
