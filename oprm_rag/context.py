@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["ModelContext", "PromptStart"]
 
-_ENCODED_MAX_BYTES = 128 * 2**20  # recent tokenisations kept (each at most 1/8 of this)
+_ENCODED_MAX_BYTES = 128 * 2**20  # recent tokenisations kept (each at most 1/4 of this)
 _PREFIX_STATES = 8
 
 
@@ -119,19 +119,26 @@ class ModelContext(Engine):
         return self.lm.encode(text, add_special_tokens=not chat)
 
     def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """Memoised (bounded in bytes): callers get their own copies of the arrays."""
+        """Memoised (bounded in bytes): callers get their own int64 copies of the arrays.
+
+        The memo keeps int32 (12 bytes a token, half of int64), so that a follow-up question
+        about a document of over a million tokens does not tokenise it again: at 1M tokens
+        that was half the follow-up's time.
+        """
         key = (len(text), hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest())
         with self._lock:
             hit = self._encoded.get(key)
             if hit is not None:
                 self._encoded.move_to_end(key)
-                return hit[0].copy(), hit[1].copy()
+                return hit[0].astype(np.int64), hit[1].astype(np.int64)
         ids, offsets = self.lm.encode_with_offsets(text)
-        size = ids.nbytes + offsets.nbytes
-        if size <= _ENCODED_MAX_BYTES // 8:  # a huge document is not kept: memory stays bounded
+        size = (ids.size + offsets.size) * 4
+        # A huge document is not kept (memory stays bounded); int32 holds any vocabulary
+        # and any char offset of a text under 2 GiB.
+        if size <= _ENCODED_MAX_BYTES // 4 and len(text) < 2**31 and (ids.size == 0 or int(ids.max()) < 2**31):
             with self._lock:
                 if key not in self._encoded:
-                    self._encoded[key] = (ids.copy(), offsets.copy())
+                    self._encoded[key] = (ids.astype(np.int32), offsets.astype(np.int32))
                     self._encoded_bytes += size
                 while self._encoded_bytes > _ENCODED_MAX_BYTES:
                     _, (old_ids, old_offsets) = self._encoded.popitem(last=False)

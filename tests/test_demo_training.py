@@ -222,3 +222,4 @@ def test_fine_tuning_keeps_the_models_tokenizer_and_shape_and_moves_its_weights(
     log = json.loads((ft_run / "model" / "training_log.json").read_text())
     assert [row["step"] for row in log["eval"]] == [0, 3]  # where it started, where it ended
     assert "fine-tune" in log["recipe"]
+    assert log["architecture"]["hidden_size"] == 32 and "hidden" not in log["args"]  # the base's, not the flag's

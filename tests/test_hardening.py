@@ -176,3 +176,33 @@ def test_resolved_chunk_size_and_reason_are_reported(load_lm) -> None:
     assert SelectorOptions().chunk_tokens == "auto"
     plain = OPRMSelector(lm, chunk_tokens=None).select(QUESTION, "The code of alpha is 1234.")
     assert plain.usage.chunk_tokens is None and "plain inference" in plain.usage.chunk_tokens_reason
+
+
+def test_the_tokenisation_memo_returns_what_the_tokenizer_does_and_stays_bounded(load_lm, monkeypatch):
+    """A follow-up reuses the document's tokenisation (kept compact, int32), returns int64
+    copies equal to a fresh tokenisation, and a document over a quarter of the budget is
+    tokenised each time instead of kept."""
+    import numpy as np
+
+    from oprm_rag import context as ctx_mod
+
+    lm = load_lm("mamba2")
+    ctx = lm.context
+    ctx.forget()
+    calls = []
+    real = lm.encode_with_offsets
+    monkeypatch.setattr(lm, "encode_with_offsets", lambda text: calls.append(len(text)) or real(text))
+    text = "The code of abcd is 1234. " * 200
+    fresh_ids, fresh_offsets = real(text)
+    for _ in range(2):
+        ids, offsets = ctx.encode_with_offsets(text)
+        assert ids.dtype == np.int64 and offsets.dtype == np.int64
+        assert np.array_equal(ids, fresh_ids) and np.array_equal(offsets, fresh_offsets)
+        ids[:] = -1  # the caller's copy: the memo is unchanged
+    assert len(calls) == 1
+    monkeypatch.setattr(ctx_mod, "_ENCODED_MAX_BYTES", (fresh_ids.size + fresh_offsets.size) * 4 * 4 - 4)
+    ctx.forget()
+    calls.clear()
+    ctx.encode_with_offsets(text)
+    ctx.encode_with_offsets(text)
+    assert len(calls) == 2  # too big for the memo: not kept

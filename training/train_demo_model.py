@@ -660,7 +660,11 @@ def write_model(args, model, tok, n_params: int, corpus: dict, log: list, second
     }, indent=2) + "\n")
     (out / "training_log.json").write_text(json.dumps({
         "recipe": "v2" if args.init_from is None else f"v2 fine-tune of {args.init_from}",
-        "args": {k: str(v) for k, v in vars(args).items()},
+        # A fine-tune takes its architecture and tokenizer from --init-from: those flags did nothing.
+        "args": {k: str(v) for k, v in vars(args).items()
+                 if args.init_from is None or k not in ("vocab", "hidden", "layers", "state", "head_dim")},
+        "architecture": {k: getattr(model.config, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                                                               "state_size", "head_dim", "num_heads")},
         "parameters": n_params,
         "train_context_tokens": args.seq_len,
         "eval_chunk_tokens": auto_chunk_tokens(args.seq_len),
