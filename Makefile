@@ -83,7 +83,7 @@ bench: install
 
 # The shipped model: version 1's weights (training/checkpoints/demo-v1, trained from scratch;
 # its card says how) fine-tuned with hard negatives on more prose. `--resume` continues a stopped run.
-DEMO_FINETUNE := --init-from training/checkpoints/demo-v1 --run-dir runs/demo-v2 --steps 3000 --easy-steps 0 \
+DEMO_FINETUNE := --init-from training/checkpoints/demo-v1 --run-dir runs/demo-v2-finetune --steps 3000 --easy-steps 0 \
                  --hard-from 0 --progress-from 1.0 --lr 1e-3 --absent-share 0.6 --eval-every 500
 train-demo-model: install
 	$(PY) training/train_demo_model.py $(DEMO_FINETUNE) --out oprm_rag/demo/model

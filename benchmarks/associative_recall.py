@@ -18,9 +18,12 @@ absent keys, and about near-miss absent keys (one letter changed, same prefix, .
 
 It also counts, from every chunk's first-token statistics (``Answer.chunks``), the
 per-chunk false-positive rate: among (question, chunk) pairs where the chunk does not
-hold the asked key, the share that the rule keeps; with an exact (Clopper-Pearson) 95%
-interval. With N chunks an answer survives about (1 - fp)^N, so this rate decides the
-long-document end of the curve.
+hold the asked key, the share that the rule keeps; with a 95% interval from resampling
+whole documents (the pairs of one document share its chunks, so they are not independent;
+the binomial Clopper-Pearson interval over pairs is kept beside it as ``ci95_binomial``).
+If every kept key-free chunk outranked the key's chunk, an answer would survive about
+(1 - fp)^N with N chunks; the table's "outranked" column says how often one really does.
+This rate is what decides the long-document end of the curve.
 
 Chunk states are prepared once per document and chunking (the document cache); each
 question then costs only its own tokens per chunk.
@@ -148,7 +151,7 @@ def main() -> None:
                 for name in configs}
 
     def fp_blank() -> dict[str, Any]:
-        return {"pairs": 0, "chunks": 0, "present_questions": 0,
+        return {"pairs": 0, "chunks": 0, "present_questions": 0, "per_doc": [],
                 **{r: {"kept": 0, "key_dropped": 0, "outranked": 0} for r in rules}}
 
     rows: list[dict[str, Any]] = []
@@ -182,6 +185,8 @@ def main() -> None:
                 # One cache for every configuration: its key holds the chunking, so configurations
                 # that chunk alike share the chunk states.
                 cache = DocumentStateCache(max_bytes=4 * 2**30)
+                mark = fp_by_source[source]
+                before = (mark["pairs"], {r: mark[r]["kept"] for r in rules})
                 for name, kw in configs.items():
                     sel = OPRMSelector(lm, cache=cache, **kw)
                     answers = _answers(sel, [(k, v) for k, v, _ in asks], doc.text)
@@ -198,6 +203,10 @@ def main() -> None:
                         span = spans.get(key)
                         for fp in (fp_by_source[source], fp_by_facts[n]):
                             _count_fp(fp, rules, chunks, span, kind == "present")
+                # this document's (key-free pairs, kept per rule): the clusters of the interval
+                doc_tally = (mark["pairs"] - before[0], {r: mark[r]["kept"] - before[1][r] for r in rules})
+                for fp in (fp_by_source[source], fp_by_facts[n]):
+                    fp["per_doc"].append(doc_tally)
             row = {"facts": n, "source": source, "doc_tokens": round(sum(doc_tokens) / len(doc_tokens))}
             row.update(_rates(stats))
             rows.append(row)
@@ -266,7 +275,7 @@ def main() -> None:
 
 def markdown_tables(data: dict[str, Any]) -> str:
     """The README's tables: accuracy per fact count (all sources), per source, and the
-    per-chunk false-positive rate of each rule."""
+    per-chunk false-positive rate of each rule (95% interval: documents resampled)."""
     names = list(data["configs"])
     rows = data["rows"]
     head = "| facts | tokens | " + " | ".join(names) + " | `Error` on absent keys: " + ", ".join(
@@ -287,7 +296,7 @@ def markdown_tables(data: dict[str, Any]) -> str:
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     fp = data["false_positives"]
     lines += ["", f"| rule | key-free chunks kept (all sources, {fp['all']['key_free_pairs']:,} (question, chunk) "
-              f"pairs over {fp['all']['distinct_chunks']:,} chunks) | 95% CI | "
+              f"pairs over {fp['all']['distinct_chunks']:,} chunks) | 95% CI (documents resampled) | "
               + " | ".join(sources) + " | key chunk dropped | key chunk outranked |",
               "|" + " --- |" * (len(sources) + 5)]
     for rule in fp["all"]:
@@ -317,6 +326,7 @@ def _count_fp(fp: dict[str, Any], rules: dict[str, float | None], chunks: list[A
     free = [c for c, w in zip(chunks, where) if w == "free"]
     key = [c for c, w in zip(chunks, where) if w == "key"]
     fp["pairs"] += len(free)
+    present = present and bool(key)  # a fact cut across two chunks has no chunk of its own
     fp["present_questions"] += present
     for rule, tau in rules.items():
         r = fp[rule]
@@ -327,6 +337,26 @@ def _count_fp(fp: dict[str, Any], rules: dict[str, float | None], chunks: list[A
                 r["key_dropped"] += 1
             elif any(_kept(c, tau) and c.entropy < k.entropy for c in free):
                 r["outranked"] += 1
+
+
+def document_bootstrap(per_doc: list[tuple[int, dict[str, int]]], rule: str, draws: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the pooled rate, resampling whole documents.
+
+    The (question, chunk) pairs are not independent: every question about a document
+    meets the same chunks, so a binomial interval over pairs (``ci95_binomial``) is too
+    narrow. Documents are independent draws, so they are what is resampled.
+    """
+    docs = [(pairs, kept[rule]) for pairs, kept in per_doc if pairs]
+    if not docs:
+        return (0.0, 1.0)
+    rng = random.Random(seed)
+    rates = []
+    for _ in range(draws):
+        sample = [docs[rng.randrange(len(docs))] for _ in docs]
+        rates.append(sum(k for _, k in sample) / sum(p for p, _ in sample))
+    rates.sort()
+    return rates[int(0.025 * (draws - 1))], rates[int(0.975 * (draws - 1))]
 
 
 def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
@@ -344,7 +374,8 @@ def _fp_summary(fp: dict[str, Any], rules: dict[str, float | None]) -> dict[str,
     for rule in rules:
         r = fp[rule]
         lo, hi = clopper_pearson(r["kept"], fp["pairs"])
-        out[rule] = {"kept": r["kept"], "rate": r["kept"] / max(1, fp["pairs"]), "ci95": [lo, hi],
+        out[rule] = {"kept": r["kept"], "rate": r["kept"] / max(1, fp["pairs"]),
+                     "ci95": list(document_bootstrap(fp["per_doc"], rule)), "ci95_binomial": [lo, hi],
                      "key_chunk_dropped": r["key_dropped"] / max(1, fp["present_questions"]),
                      "outranked_by_key_free_chunk": r["outranked"] / max(1, fp["present_questions"])}
     return out

@@ -167,13 +167,17 @@ def main() -> None:
                 picked = [served_sel.select(q, d) for q, d in batch]
                 st = served.reset_stats()
                 row[phase] = {"prompt_tokens": st.prompt_tokens, "evaluated_tokens": st.evaluated_tokens}
-            # The answer right after its scoring (from a selection with a winner: where every
-            # chunk said the IDK word the answer is that word, and nothing is sent).
-            with_winner = [p for p in picked if p.best is not None]
-            if not with_winner:
+            # The answer right after its scoring, for a question whose selection has a winner
+            # (where every chunk said the IDK word, the answer is that word and nothing is sent).
+            last = next((i for i in reversed(range(len(picked))) if picked[i].best is not None), None)
+            if last is None:
                 raise SystemExit("served benchmark: every chunk of every question answered the IDK word; "
                                  "no answer to time")
-            served_sel.stream_from(with_winner[-1], max_new_tokens=5).text()
+            result = picked[last]
+            if last != len(picked) - 1:  # score it again, so that its answer comes right after its scoring
+                result = served_sel.select(*batch[last])
+                served.reset_stats()
+            served_sel.stream_from(result, max_new_tokens=5).text()
             st = served.reset_stats()
             row["answer"] = {"prompt_tokens": st.prompt_tokens, "evaluated_tokens": st.evaluated_tokens}
             row["server_reported"] = st.reported_evaluation

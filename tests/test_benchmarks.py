@@ -84,11 +84,23 @@ def test_associative_recall_quick(tmp_path):
     assert {r["source"] for r in data["rows"]} == set(data["sources"]) | {"all"}
     fp = data["false_positives"]["all"]
     assert fp["key_free_pairs"] > 0 and set(data["false_positives"]["by_source"]) == set(data["sources"])
-    for rule in ("paper", "idk_prob>0.2"):
-        r = fp[rule]
-        assert r["kept"] <= fp["key_free_pairs"] and r["ci95"][0] <= r["rate"] <= r["ci95"][1]
-    # a stricter threshold never keeps more key-free chunks than a looser one, nor than the paper's rule
-    assert fp["idk_prob>0.05"]["kept"] <= fp["idk_prob>0.2"]["kept"] <= fp["paper"]["kept"]
+    # the per-source and per-count tallies are partitions of the pooled one
+    for axis in ("by_source", "by_facts"):
+        parts = data["false_positives"][axis].values()
+        assert sum(p["key_free_pairs"] for p in parts) == fp["key_free_pairs"]
+        assert sum(p["paper"]["kept"] for p in parts) == fp["paper"]["kept"]
+
+
+def test_document_bootstrap_is_wider_than_the_binomial_interval_when_documents_differ():
+    from benchmarks.associative_recall import clopper_pearson, document_bootstrap
+
+    # 40 documents of 100 key-free pairs: half keep 1, half keep 19 (pooled rate 0.10)
+    per_doc = [(100, {"paper": 1 if i % 2 else 19}) for i in range(40)]
+    lo, hi = document_bootstrap(per_doc, "paper")
+    blo, bhi = clopper_pearson(400, 4000)
+    assert lo < 0.1 < hi and hi - lo > 1.5 * (bhi - blo)
+    # identical documents: no spread between documents, a degenerate interval at the rate
+    assert document_bootstrap([(50, {"paper": 5})] * 10, "paper") == (0.1, 0.1)
 
 
 def test_clopper_pearson_interval_is_exact():

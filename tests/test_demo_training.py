@@ -223,3 +223,39 @@ def test_fine_tuning_keeps_the_models_tokenizer_and_shape_and_moves_its_weights(
     assert [row["step"] for row in log["eval"]] == [0, 3]  # where it started, where it ended
     assert "fine-tune" in log["recipe"]
     assert log["architecture"]["hidden_size"] == 32 and "hidden" not in log["args"]  # the base's, not the flag's
+    # it starts from the base's weights: with a zero learning rate nothing moves
+    still = tmp_path / "still"
+    still.mkdir()
+    (still / "corpus.json").write_text(json.dumps(small_corpus))
+    T.main(tiny + ["--steps", "2", "--easy-steps", "0", "--lr", "0", "--eval-every", "2",
+                   "--init-from", str(base_run / "model"), "--run-dir", str(still), "--out", str(still / "model")])
+    same = load_file(still / "model" / "model.safetensors")
+    assert all(torch.equal(base[k], same[k]) for k in base)
+    # a run folder holding another tokenizer is refused, not silently used
+    with pytest.raises(SystemExit, match="another --run-dir"):
+        T.main(tiny + ["--steps", "1", "--init-from", str(base_run / "model"), "--run-dir", str(other_tok_run(tmp_path)),
+                       "--out", str(tmp_path / "x")])
+
+
+def other_tok_run(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    run = tmp_path / "other"
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<|endoftext|>": 2, "<|pad|>": 3}, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>").save_pretrained(
+        run / "tokenizer")
+    return run
+
+
+def test_no_heldout_or_unseen_sentence_was_in_version_1s_training():
+    """Version 2 is fine-tuned from version 1, which trained on the standard library's
+    docstrings: none of those may sit in the prose the benchmarks call never-seen."""
+    from oprm_rag.demo.recall_task import stdlib_prose
+
+    v1 = {prose_sources.norm(s) for s in stdlib_prose()}
+    for name in HELDOUT_SOURCES:
+        assert not v1 & {prose_sources.norm(s) for s in heldout_prose(name)}, name
+    for name in UNSEEN_SOURCES:
+        assert not v1 & {prose_sources.norm(s) for s in unseen_prose(name)}, name

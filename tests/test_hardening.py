@@ -200,6 +200,9 @@ def test_the_tokenisation_memo_returns_what_the_tokenizer_does_and_stays_bounded
         assert np.array_equal(ids, fresh_ids) and np.array_equal(offsets, fresh_offsets)
         ids[:] = -1  # the caller's copy: the memo is unchanged
     assert len(calls) == 1
+    (kept_ids, kept_offsets), = ctx._encoded.values()
+    assert kept_ids.dtype == np.int32 and kept_offsets.dtype == np.int32  # 12 bytes a token, not 24
+    assert ctx._encoded_bytes == 12 * fresh_ids.size
     monkeypatch.setattr(ctx_mod, "_ENCODED_MAX_BYTES", (fresh_ids.size + fresh_offsets.size) * 4 * 4 - 4)
     ctx.forget()
     calls.clear()

@@ -503,14 +503,18 @@ def main(argv: list[str] | None = None) -> None:
     corpus = build_corpus(run_dir / "corpus.json")
     all_sentences = [s for name in SOURCE_WEIGHTS for s in corpus[name]]
     tok_dir = run_dir / "tokenizer"
-    if args.init_from is not None and not (tok_dir / "tokenizer.json").is_file():
+    if args.init_from is not None:
         from transformers import PreTrainedTokenizerFast
 
-        # Fine-tuning keeps the model's own tokenizer (its embeddings are indexed by it).
+        # Fine-tuning keeps the model's own tokenizer (its embeddings are indexed by it);
+        # a run folder holding another one (a from-scratch run's) is refused, not used.
         tok = PreTrainedTokenizerFast.from_pretrained(args.init_from)
+        if (tok_dir / "tokenizer.json").is_file() and \
+                PreTrainedTokenizerFast.from_pretrained(tok_dir).get_vocab() != tok.get_vocab():
+            raise SystemExit(f"{tok_dir} holds a tokenizer other than {args.init_from}'s: "
+                             "use another --run-dir for this fine-tune")
         tok.save_pretrained(tok_dir)
-    elif (args.resume or args.export is not None or args.init_from is not None) \
-            and (tok_dir / "tokenizer.json").is_file():
+    elif (args.resume or args.export is not None) and (tok_dir / "tokenizer.json").is_file():
         from transformers import PreTrainedTokenizerFast
 
         tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)

@@ -86,8 +86,8 @@ def run_demo(lm: Any, facts: int = 96, seed: int = 7, out=sys.stdout, tally: tup
                 absent.append(key)
         questions = [question_for(f.key) for f in present] + [question_for(k) for k in absent]
         wanted = [f.value for f in present] + [IDK_WORD] * len(absent)
-        say(f"\nAll {len(present)} codes asked for, and {len(absent)} keys the document lacks "
-            f"(right answer: {IDK_WORD}), same document:")
+        say(f"\n{len(present)} of the {len(doc.facts)} codes asked for, and {len(absent)} keys the document "
+            f"lacks (right answer: {IDK_WORD}), same document:")
         for name, chunk_tokens in (("Plain inference", None), ("OPRM", "auto")):
             answers = answer_all(OPRMSelector(lm, chunk_tokens=chunk_tokens), questions, doc.text)
             right = [a.text.strip() == w for a, w in zip(answers, wanted)]
