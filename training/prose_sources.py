@@ -24,9 +24,7 @@ inside a README, a GNU manual's GFDL appendix) never crosses the split.
 
 from __future__ import annotations
 
-import ast
 import gzip
-import os
 import random
 import re
 import sys
@@ -41,6 +39,7 @@ from oprm_rag.demo.recall_task import (  # noqa: E402
     HELDOUT_SOURCES,
     UNSEEN_SOURCES,
     _is_prose,
+    docstrings,
     split_sentences,
     stdlib_prose,
 )
@@ -97,20 +96,8 @@ def _read(path: Path) -> str:
 
 # --------------------------------------------------------------------------- training sources
 def _docstring_sentences(root: Path, skip_dirs: set[str]) -> Iterator[str]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs)
-        for name in sorted(filenames):
-            if not name.endswith(".py"):
-                continue
-            try:
-                tree = ast.parse(Path(dirpath, name).read_text(encoding="utf-8"))
-            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc:
-                        yield from clean_sentences(_paragraphs(doc))
+    for doc in docstrings(root, skip_dirs):
+        yield from clean_sentences(_paragraphs(doc))
 
 
 def stdlib() -> list[str]:

@@ -31,6 +31,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 __all__ = [
     "FACT_TEMPLATE",
@@ -197,6 +198,30 @@ _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "pydoc_dat
               "turtledemo", "__pycache__", "ensurepip", "venv"}
 
 
+def docstrings(root: str | os.PathLike[str], skip_dirs: set[str] | frozenset[str]) -> Iterator[str]:
+    """Every module, class and function docstring of the ``.py`` files under ``root``.
+
+    Folders and files are walked in sorted order (deterministic for a given tree); files
+    that do not parse or read as UTF-8 are skipped. The demo model's prose sources
+    (``stdlib_prose`` here, the training script's others) all read docstrings this way.
+    """
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs)
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            try:
+                with open(os.path.join(dirpath, name), encoding="utf-8") as fh:
+                    tree = ast.parse(fh.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc:
+                        yield doc
+
+
 @lru_cache(maxsize=1)
 def stdlib_prose() -> tuple[str, ...]:
     """Prose sentences from the docstrings of this Python's standard library.
@@ -207,28 +232,12 @@ def stdlib_prose() -> tuple[str, ...]:
     root = sysconfig.get_paths()["stdlib"]
     sentences: list[str] = []
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
-        for name in sorted(filenames):
-            if not name.endswith(".py"):
-                continue
-            try:
-                with open(os.path.join(dirpath, name), encoding="utf-8") as fh:
-                    tree = ast.parse(fh.read())
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
-                                         ast.AsyncFunctionDef)):
-                    continue
-                doc = ast.get_docstring(node)
-                if not doc:
-                    continue
-                for paragraph in _prose_paragraphs(doc):
-                    for sentence in split_sentences(paragraph):
-                        if _is_prose(sentence) and sentence not in seen:
-                            seen.add(sentence)
-                            sentences.append(sentence)
+    for doc in docstrings(root, _SKIP_DIRS):
+        for paragraph in _prose_paragraphs(doc):
+            for sentence in split_sentences(paragraph):
+                if _is_prose(sentence) and sentence not in seen:
+                    seen.add(sentence)
+                    sentences.append(sentence)
     return tuple(sentences)
 
 
