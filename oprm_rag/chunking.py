@@ -31,11 +31,12 @@ class DocumentTokens:
 
     def __post_init__(self) -> None:
         # int32: a vocabulary and a document's char count fit; half the memory of int64
-        object.__setattr__(self, "token_ids", _int32(self.token_ids).reshape(-1))
-        object.__setattr__(self, "offsets", _int32(self.offsets).reshape(-1, 2))
+        object.__setattr__(self, "token_ids", as_int32(self.token_ids).reshape(-1))
+        object.__setattr__(self, "offsets", as_int32(self.offsets).reshape(-1, 2))
 
 
-def _int32(values: object) -> np.ndarray:
+def as_int32(values: object) -> np.ndarray:
+    """``values`` as int32 (no copy when they already are); ValueError if any does not fit."""
     arr = np.asarray(values)
     if arr.size and (arr.max() >= 2**31 or arr.min() < -(2**31)):
         raise ValueError("token ids and offsets must fit in 32 bits")

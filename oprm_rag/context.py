@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
+from .chunking import as_int32
 from .decoding import Decoder, TokenStream
 from .engine import ChunkSize, Engine, Extension, FirstTokens, LogitsWanted
 from .errors import InputError
@@ -133,12 +134,15 @@ class ModelContext(Engine):
                 return hit[0].astype(np.int64), hit[1].astype(np.int64)
         ids, offsets = self.lm.encode_with_offsets(text)
         size = (ids.size + offsets.size) * 4
-        # A huge document is not kept (memory stays bounded); int32 holds any vocabulary
-        # and any char offset of a text under 2 GiB.
-        if size <= _ENCODED_MAX_BYTES // 4 and len(text) < 2**31 and (ids.size == 0 or int(ids.max()) < 2**31):
+        if size <= _ENCODED_MAX_BYTES // 4:  # a huge document is not kept: memory stays bounded
+            try:  # the chunker's own int32 conversion: what it cannot hold, chunking refuses too
+                # (new arrays: the model returns int64, so they are not views of the caller's)
+                compact = (as_int32(ids), as_int32(offsets))
+            except ValueError:
+                return ids, offsets
             with self._lock:
                 if key not in self._encoded:
-                    self._encoded[key] = (ids.astype(np.int32), offsets.astype(np.int32))
+                    self._encoded[key] = compact
                     self._encoded_bytes += size
                 while self._encoded_bytes > _ENCODED_MAX_BYTES:
                     _, (old_ids, old_offsets) = self._encoded.popitem(last=False)
