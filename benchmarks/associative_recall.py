@@ -131,7 +131,7 @@ def main() -> None:
 
     from oprm_rag import OPRMSelector
     from oprm_rag.cache import DocumentStateCache
-    from oprm_rag.demo.recall_task import HELDOUT_SOURCES, IDK_WORD, heldout_prose, near_miss_key, random_key
+    from oprm_rag.demo.recall_task import HELDOUT_SOURCES, IDK_WORD, heldout_prose, near_miss_key, new_keys
 
     facts = args.facts or ([16, 128] if args.quick else [16, 32, 64, 128, 256, 512, 1024])
     sources = args.sources or list(HELDOUT_SOURCES)
@@ -172,11 +172,7 @@ def main() -> None:
                 present = rng.sample(doc.facts, min(n_present, len(doc.facts)))
                 keys = {f.key for f in doc.facts}
                 spans = {f.key: s for f, s in zip(doc.facts, doc.fact_spans)}
-                absent: list[str] = []
-                while len(absent) < n_absent:
-                    k = random_key(rng)
-                    if k not in keys and k not in absent:
-                        absent.append(k)
+                absent = new_keys(rng, n_absent, keys)
                 near: list[str] = []
                 for _ in range(n_near):
                     near.append(near_miss_key(rng, rng.choice(doc.facts).key, keys | set(absent) | set(near)))

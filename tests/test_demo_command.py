@@ -9,7 +9,7 @@ import re
 from oprm_rag import OPRMSelector
 
 from oprm_rag.demo import demo_document, run_demo
-from oprm_rag.demo.recall_task import IDK_WORD, question_for, random_key
+from oprm_rag.demo.recall_task import IDK_WORD, new_keys, question_for
 
 
 def test_demo_prints_both_answers_the_winning_span_and_a_tally(demo_lm) -> None:
@@ -32,12 +32,7 @@ def test_demo_prints_both_answers_the_winning_span_and_a_tally(demo_lm) -> None:
     # The tally equals asking one question at a time (no batching, no shared cache) ...
     rng = random.Random(3 + 1)
     present = rng.sample(doc.facts, 10)
-    taken, absent = {f.key for f in doc.facts}, []
-    while len(absent) < 4:
-        key = random_key(rng)
-        if key not in taken:
-            taken.add(key)
-            absent.append(key)
+    absent = new_keys(rng, 4, {f.key for f in doc.facts})
     for (right, _, idk_right, _), chunk_tokens in zip(tallies, (None, "auto")):
         sel = OPRMSelector(demo_lm, chunk_tokens=chunk_tokens, cache=False)
         codes = sum(sel.answer(question_for(f.key), doc.text, max_new_tokens=8).text.strip() == f.value

@@ -118,3 +118,20 @@ def test_documents_from_a_source_hold_their_facts_once():
         assert doc.text.count(f"The code of {fact.key} is") == 1
     absent = near_miss_key(rng, doc.facts[0].key, {f.key for f in doc.facts})
     assert doc.answer_for(absent) == "Error"
+
+
+def test_new_keys_are_distinct_new_and_the_draws_of_a_redraw_loop():
+    import random
+
+    from oprm_rag.demo.recall_task import new_keys, random_key
+
+    taken = {random_key(random.Random(1)) for _ in range(3)} | {"abcd"}
+    keys = new_keys(random.Random(5), 40, taken)
+    assert len(keys) == len(set(keys)) == 40 and not set(keys) & taken
+    rng, expected, seen = random.Random(5), [], set(taken)  # the loop it replaces
+    while len(expected) < 40:
+        k = random_key(rng)
+        if k not in seen:
+            seen.add(k)
+            expected.append(k)
+    assert keys == expected

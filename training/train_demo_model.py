@@ -63,6 +63,7 @@ from oprm_rag.demo.recall_task import (  # noqa: E402
     build_document,
     heldout_prose,
     near_miss_key,
+    new_keys,
     question_for,
     random_key,
     unseen_prose,
@@ -358,9 +359,7 @@ def make_eval_set(tok, chunk_tokens: int, per_source: int, seed: int) -> list[di
                 key, answer = near_miss_key(rng, rng.choice(inside).key, taken), idk
             else:
                 kind = "random"  # also where a chunk happens to hold no whole fact
-                key = random_key(rng)
-                while key in taken:
-                    key = random_key(rng)
+                key, = new_keys(rng, 1, taken)
                 answer = idk
             q = tok.encode(QUESTION_TEMPLATE.format(question=question_for(key)))
             items.append({"source": source, "kind": kind, "ids": prefix + ids + q, "answer": answer})

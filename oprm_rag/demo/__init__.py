@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from .recall_task import IDK_WORD, build_document, heldout_prose, question_for, random_key
+from .recall_task import IDK_WORD, build_document, heldout_prose, new_keys, question_for
 
 __all__ = ["run_demo", "demo_document", "answer_all"]
 
@@ -77,13 +77,7 @@ def run_demo(lm: Any, facts: int = 96, seed: int = 7, out=sys.stdout, tally: tup
     if n_present + n_absent:
         rng = random.Random(seed + 1)
         present = rng.sample(doc.facts, min(n_present, len(doc.facts)))
-        taken = {f.key for f in doc.facts}
-        absent = []
-        while len(absent) < n_absent:
-            key = random_key(rng)
-            if key not in taken:
-                taken.add(key)
-                absent.append(key)
+        absent = new_keys(rng, n_absent, {f.key for f in doc.facts})
         questions = [question_for(f.key) for f in present] + [question_for(k) for k in absent]
         wanted = [f.value for f in present] + [IDK_WORD] * len(absent)
         say(f"\n{len(present)} of the {len(doc.facts)} codes asked for, and {len(absent)} keys the document "

@@ -51,6 +51,7 @@ __all__ = [
     "UNSEEN_SOURCES",
     "NEAR_MISS_KINDS",
     "near_miss_key",
+    "new_keys",
     "build_document",
 ]
 
@@ -107,6 +108,19 @@ def random_value(rng: random.Random) -> str:
 
 #: How :func:`near_miss_key` changes a present key into an absent one.
 NEAR_MISS_KINDS = ("substitute", "prefix", "suffix", "truncate", "extend", "swap")
+
+
+def new_keys(rng: random.Random, n: int, taken: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """``n`` distinct random keys, none in ``taken`` (drawn one at a time, repeats redrawn:
+    the same draws as asking :func:`random_key` until a key is new)."""
+    keys: list[str] = []
+    seen = set(taken)
+    while len(keys) < n:
+        key = random_key(rng)
+        if key not in seen:
+            seen.add(key)
+            keys.append(key)
+    return keys
 
 
 def near_miss_key(rng: random.Random, key: str, taken: set[str] | frozenset[str] = frozenset(),
@@ -285,14 +299,7 @@ def build_document(
     if n_facts < 0 or target_chars < 0:
         raise ValueError("n_facts and target_chars must be non-negative")
     if keys is None:
-        chosen: list[str] = []
-        taken: set[str] = set()
-        while len(chosen) < n_facts:
-            key = random_key(rng)
-            if key not in taken:
-                taken.add(key)
-                chosen.append(key)
-        keys = chosen
+        keys = new_keys(rng, n_facts)
     facts = [Fact(k, random_value(rng)) for k in keys[:n_facts]]
 
     filler: list[str] = []

@@ -56,7 +56,7 @@ def needle_examples(model: Any, lengths: Sequence[int], depths: Sequence[float],
                     sentences: Sequence[str] | None = None, distractors_per_1k: float = 0.0) -> list[Example]:
     """One example per (length, depth, trial): a haystack of about ``length`` tokens with the
     needle at ``depth`` (0 = start, 1 = end) of its sentences. Deterministic for a seed."""
-    from ..demo.recall_task import Fact, fact_sentence, question_for, random_key, random_value
+    from ..demo.recall_task import Fact, fact_sentence, new_keys, question_for, random_value
 
     if not lengths or not depths or trials < 1:
         raise InputError("the needle sweep needs at least one length, one depth and one trial")
@@ -78,12 +78,8 @@ def needle_examples(model: Any, lengths: Sequence[int], depths: Sequence[float],
                     s = rng.choice(sents)
                     filler.append(s)
                     chars += len(s) + 1
-                keys: list[str] = []
                 n_distract = int(round(distractors_per_1k * length / 1000))
-                while len(keys) < n_distract + 1:
-                    k = random_key(rng)
-                    if k not in keys:
-                        keys.append(k)
+                keys = new_keys(rng, n_distract + 1)
                 needle = Fact(keys[0], random_value(rng))
                 for k in keys[1:]:  # distractors anywhere
                     filler.insert(rng.randint(0, len(filler)), fact_sentence(Fact(k, random_value(rng))))
