@@ -120,6 +120,19 @@ def test_mamba1_scan_beats_the_python_loop_shape(load_lm):
 STEP_FAMILIES = ["mamba", "falcon_mamba", "mamba2", "rwkv", "recurrent_gemma"]
 
 
+def _record_threads(monkeypatch: pytest.MonkeyPatch, backend: object, method: str) -> list[int]:
+    """Spy on ``backend``'s ``method``: the list fills with torch's thread count at each call."""
+    seen: list[int] = []
+    real = getattr(type(backend), method)
+
+    def spy(self, *args):
+        seen.append(torch.get_num_threads())
+        return real(self, *args)
+
+    monkeypatch.setattr(type(backend), method, spy)
+    return seen
+
+
 @pytest.mark.parametrize("family", STEP_FAMILIES)
 def test_step_sessions_take_the_single_token_path_on_one_thread(load_lm, family, monkeypatch):
     """Every exact family decodes through its single-token path (not ``forward``), and
@@ -131,13 +144,7 @@ def test_step_sessions_take_the_single_token_path_on_one_thread(load_lm, family,
     ids = _ids(1, 9, seed=21)
     session = lm.backend.session(lm.backend.forward(ids[:, :4]).state)
     assert isinstance(session, StepSession)
-    seen, real_step = [], type(lm.backend)._step
-
-    def spy(self, *args):
-        seen.append(torch.get_num_threads())
-        return real_step(self, *args)
-
-    monkeypatch.setattr(type(lm.backend), "_step", spy)
+    seen = _record_threads(monkeypatch, lm.backend, "_step")
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -353,14 +360,7 @@ def test_short_forwards_run_on_one_thread_and_long_ones_keep_torchs(load_lm, fam
     if not threads.per_thread_control():
         pytest.skip("this torch build's threads cannot be set per thread")
     lm = load_lm(family)
-    seen = []
-    real = type(lm.backend)._forward
-
-    def spy(self, *args):
-        seen.append(torch.get_num_threads())
-        return real(self, *args)
-
-    monkeypatch.setattr(type(lm.backend), "_forward", spy)
+    seen = _record_threads(monkeypatch, lm.backend, "_forward")
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
