@@ -348,9 +348,27 @@ def test_answers_stream_while_the_server_stays_responsive(env: WebEnv) -> None:
     assert second["text"] + "".join(e["text"] for e in rest[:-1]) == rest[-1]["answer"]
 
 
-def test_client_leaving_stops_decoding(env: WebEnv) -> None:
+def test_client_leaving_stops_decoding(env: WebEnv, monkeypatch: pytest.MonkeyPatch) -> None:
+    import oprm_rag.web.app as web_app
+
     app, gate, paused, log = _gated_app(env)
     limit = 400
+    # The answer is a few tokens: opened too early, the gate would let the worker finish it
+    # before the server has seen the client leave. So the gate opens only once the server
+    # has closed the event stream (which tells the worker to stop), whatever the timing.
+    server_closed = threading.Event()
+    real_aiter = web_app.aiter_in_thread
+
+    async def watched(factory):
+        events = real_aiter(factory)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+            server_closed.set()
+
+    monkeypatch.setattr(web_app, "aiter_in_thread", watched)
     with serve(app) as url:
         with httpx.Client(base_url=url, timeout=30) as client:
             doc_id = _upload_text(client, env.doc.text)
@@ -361,7 +379,9 @@ def test_client_leaving_stops_decoding(env: WebEnv) -> None:
                 lines = r.iter_lines()
                 assert json.loads(next(lines))["type"] == "scores"
                 assert paused.wait(60)
-        # The connection is closed; let the worker go on: the server must notice and stop it.
+        # The connection is closed; once the server has closed the stream, let the worker go
+        # on: it must stop at its next piece.
+        assert server_closed.wait(60)
         gate.set()
         deadline = time.monotonic() + 60
         while "closed_early" not in log and time.monotonic() < deadline:
