@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, ModelLoadError
+from .user_files import check_output_file, refuse_overwriting_inputs, replace_atomically
 
 if TYPE_CHECKING:  # pragma: no cover
     import argparse
@@ -62,13 +63,30 @@ _TOKEN_NORMAL, _TOKEN_UNUSED, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 2, 3, 4  
 
 
 # ---------------------------------------------------------------------- folder facts
-def _read_json(path: Path, what: str) -> Any:
+#: The largest context length GGUF stores (``mamba2.context_length`` is a uint32).
+MAX_CONTEXT_LENGTH = 2**32 - 1
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from the model folder; anything else is the folder's problem, in one line."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelLoadError(f"{path.parent}: no {path.name} ({what}); is this a transformers model folder?") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path}: unreadable {what} ({exc})") from exc
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: {what} is not UTF-8 text; restore it from the original model") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: {what} is not valid JSON (line {exc.lineno}: {exc.msg}); restore it from the "
+                         "original model") from None
+    except RecursionError:
+        raise InputError(f"{path}: {what} is nested too deeply to be a real one; restore it from the original "
+                         "model") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: {what} holds a JSON {type(data).__name__}, not an object; restore it from the "
+                         "original model")
+    return data
 
 
 def training_context(model_dir: str | Path, config: dict[str, Any] | None = None) -> int | None:
@@ -81,8 +99,8 @@ def training_context(model_dir: str | Path, config: dict[str, Any] | None = None
             value = int(json.loads(log.read_text(encoding="utf-8"))["train_context_tokens"])
             if value > 0:
                 return value
-        except (OSError, KeyError, ValueError, TypeError, json.JSONDecodeError):
-            pass
+        except (OSError, KeyError, IndexError, ValueError, TypeError, RecursionError):
+            pass  # a log without a usable number: fall back to the config
     config = config if config is not None else _read_json(model_dir / "config.json", "the model config")
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "context_length"):
         value = config.get(key)
@@ -119,6 +137,7 @@ def _pre_tokenizer_name(tok: dict[str, Any], override: str | None) -> str:
         return KNOWN_PRE_TOKENIZERS[fp]
     if tok.get("normalizer") is None and _is_plain_byte_level(tok.get("pre_tokenizer")):
         return "gpt-2"
+    _check_byte_level_bpe(tok)  # --pre-tokenizer cannot help a tokenizer of another kind
     raise InputError(
         f"this tokenizer's pre-tokenizer ({json.dumps(tok.get('pre_tokenizer'))[:200]}) is not one llama.cpp is "
         f"known to reproduce (fingerprint {fp}). If you have checked that one of llama.cpp's named "
@@ -126,15 +145,25 @@ def _pre_tokenizer_name(tok: dict[str, Any], override: str | None) -> str:
         "The served engine sends token ids, so only the server's own text tokenisation is affected.")
 
 
+def _check_byte_level_bpe(tok: dict[str, Any]) -> None:
+    """Only byte-level BPE exports (llama.cpp's ``gpt2`` tokenizer model): say so first, so a
+    WordPiece or Unigram tokenizer is never told to try ``--pre-tokenizer``."""
+    model = tok.get("model") if isinstance(tok.get("model"), dict) else {}
+    kind = model.get("type")
+    if kind != "BPE":
+        raise InputError(f"the tokenizer is {kind or 'of an unknown kind'!r}; this exporter writes only byte-level "
+                         "BPE tokenizers (GPT-2 style), so this model cannot be exported by oprm-rag (no option "
+                         "changes that; llama.cpp's own convert_hf_to_gguf.py knows more tokenizer kinds)")
+    decoder = tok.get("decoder") if isinstance(tok.get("decoder"), dict) else {}
+    if decoder.get("type") != "ByteLevel":
+        raise InputError(f"the tokenizer is BPE but not byte-level (decoder {decoder.get('type')!r}); this exporter "
+                         "writes only byte-level BPE tokenizers (GPT-2 style), and no option changes that")
+
+
 def _vocabulary(tok: dict[str, Any], n_vocab: int) -> tuple[list[str], list[int], list[str]]:
     """Token strings, llama.cpp token types and merges, for ``n_vocab`` embedding rows."""
-    model = tok.get("model") or {}
-    if model.get("type") != "BPE":
-        raise ModelLoadError(f"the tokenizer is {model.get('type')!r}; only byte-level BPE tokenizers export")
-    decoder = tok.get("decoder") or {}
-    if decoder.get("type") != "ByteLevel":
-        raise ModelLoadError(f"the tokenizer's decoder is {decoder.get('type')!r}, not ByteLevel: only byte-level BPE "
-                             "tokenizers export")
+    _check_byte_level_bpe(tok)
+    model = tok["model"]
     by_id: dict[int, str] = {int(i): t for t, i in (model.get("vocab") or {}).items()}
     special: dict[int, bool] = {}
     for added in tok.get("added_tokens") or []:
@@ -304,31 +333,64 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, pre_tokenizer: s
     if not model_dir.is_dir():
         raise InputError(f"{model_dir}: not a folder; pass a transformers model folder (config.json, "
                          "model.safetensors, tokenizer.json)")
-    out_path = Path(out_path)
-    if out_path.is_dir():
-        raise InputError(f"{out_path} is a folder; pass the .gguf file to write")
+    if context_length is not None:
+        _check_context_length(context_length)
+    out_path = _check_output(model_dir, Path(out_path))  # before the weights are read: fail in a second
     config = _read_json(model_dir / "config.json", "the model config")
     tok = _read_json(model_dir / "tokenizer.json", "the tokenizer (tokenizer.json)")
     weights = _load_weights(model_dir)
-    hp = _hparams(config, weights)
-    pre = _pre_tokenizer_name(tok, pre_tokenizer)
-    tokens, types, merges = _vocabulary(tok, hp["n_vocab"])
-    specials = _special_ids(model_dir, tok, config)
+    try:
+        hp = _hparams(config, weights)
+        tokens, types, merges = _vocabulary(tok, hp["n_vocab"])
+        pre = _pre_tokenizer_name(tok, pre_tokenizer)
+        specials = _special_ids(model_dir, tok, config)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{model_dir}: config.json or tokenizer.json is not in the shape a Mamba-2 model's is "
+                         f"({type(exc).__name__}: {exc}); restore them from the original model") from None
     ctx = context_length if context_length is not None else training_context(model_dir, config)
     if ctx is None:
         raise InputError(f"{model_dir} records no training context (training_log.json or max_position_embeddings); "
                          "pass context_length= (CLI: --context-length) with the length the model was trained on")
-    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx <= 0:
-        raise InputError(f"context_length must be a positive whole number, got {ctx!r}")
+    _check_context_length(ctx)
     tensors = _tensors(weights, hp)
+    with replace_atomically(out_path, "cannot write the GGUF file") as tmp:
+        _write(gguf, tmp, model_dir, name, int(ctx), hp, pre, tokens, types, merges, specials, tensors)
+    logger.info("exported %s -> %s (mamba2, f32, context %d, pre-tokenizer %s)", model_dir, out_path, ctx, pre)
+    return out_path
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".part")
+
+def _check_context_length(ctx: Any) -> None:
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or not 0 < ctx <= MAX_CONTEXT_LENGTH:
+        raise InputError(f"context_length must be a whole number from 1 to {MAX_CONTEXT_LENGTH:,} (GGUF stores it "
+                         f"as 32 bits), got {ctx!r}")
+
+
+def _model_inputs(model_dir: Path) -> list[Path]:
+    """Every file of the model folder the export reads (the output must be none of them)."""
+    names = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "training_log.json")
+    files = [model_dir / n for n in names if (model_dir / n).exists()]
+    return files + sorted(model_dir.glob("*.safetensors"))
+
+
+def _check_output(model_dir: Path, out_path: Path) -> Path:
+    """The output can be written, and is not one of the model's own files."""
+    if out_path.is_dir():
+        raise InputError(f"{out_path} is a folder; pass the .gguf file to write")
+    refuse_overwriting_inputs([out_path], _model_inputs(model_dir), f"export-gguf {out_path}")
+    return check_output_file(out_path, "export-gguf: the output")
+
+
+def _write(gguf: Any, tmp: Path, model_dir: Path, name: str | None, ctx: int, hp: dict[str, Any], pre: str,
+           tokens: list[str], types: list[int], merges: list[str], specials: dict[str, int],
+           tensors: list[tuple[str, "np.ndarray"]]) -> None:
+    """The GGUF file itself, written to ``tmp``."""
     writer = gguf.GGUFWriter(str(tmp), _GGUF_ARCH)
     try:
         writer.add_name(name or model_dir.resolve().name)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-        writer.add_context_length(int(ctx))
+        writer.add_context_length(ctx)
         writer.add_embedding_length(hp["d_model"])
         writer.add_feed_forward_length(0)  # unused by mamba2, but llama.cpp reads the key
         writer.add_head_count(0)
@@ -357,9 +419,6 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, pre_tokenizer: s
         writer.write_tensors_to_file()
     finally:
         writer.close()
-    tmp.replace(out_path)  # never leave a half-written file under the real name
-    logger.info("exported %s -> %s (mamba2, f32, context %d, pre-tokenizer %s)", model_dir, out_path, ctx, pre)
-    return out_path
 
 
 # ---------------------------------------------------------------------- CLI
@@ -372,10 +431,22 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> "argparse.ArgumentPa
     p.add_argument("out", help="the .gguf file to write")
     p.add_argument("--pre-tokenizer", default=None,
                    help="llama.cpp pre-tokenizer name for a tokenizer the exporter does not know (e.g. gpt-2)")
-    p.add_argument("--context-length", type=int, default=None,
+    p.add_argument("--context-length", type=_context_arg, default=None,
                    help="training context to record (default: the folder's own)")
     p.set_defaults(func=run)
     return p
+
+
+def _context_arg(value: str) -> int:
+    import argparse
+
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of tokens, got {value!r}") from None
+    if not 0 < n <= MAX_CONTEXT_LENGTH:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_CONTEXT_LENGTH:,} tokens (GGUF stores 32 bits), got {n}")
+    return n
 
 
 def run(args: "argparse.Namespace") -> int:

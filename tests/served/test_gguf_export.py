@@ -115,3 +115,113 @@ def test_cli_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     args = parser.parse_args(["export-gguf", oprm_rag.DEMO_MODEL, str(tmp_path / "d.gguf")])
     assert args.func is run and run(args) == 0
     assert "wrote" in capsys.readouterr().out and (tmp_path / "d.gguf").stat().st_size > 2_000_000
+
+
+# ---------------------------------------------------------------------- hardening (issue 24)
+def _cli(*argv: str) -> int:
+    from oprm_rag.cli import main
+
+    try:
+        return main(["export-gguf", *argv])
+    except SystemExit as exc:  # argparse's usage errors
+        return int(exc.code or 0)
+
+
+def test_a_temp_file_of_another_run_is_never_touched(tmp_path: Path) -> None:
+    """Two exports to one output used the fixed name OUT.part: each run now has its own temp file."""
+    other = tmp_path / "x.gguf.part"
+    other.write_bytes(b"another run's half-written file")
+    out = export_gguf(oprm_rag.DEMO_MODEL, tmp_path / "x.gguf")
+    assert other.read_bytes() == b"another run's half-written file"
+    assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == "mamba2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf", "x.gguf.part"]  # no temp file left
+
+
+def test_the_temp_file_goes_on_failure_and_on_ctrl_c(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Path] = []
+    real = gguf.GGUFWriter.write_tensors_to_file
+
+    for exc in (KeyboardInterrupt(), OSError(28, "No space left on device")):
+        def fail(self, *a, _exc=exc, **k):
+            seen.append(Path(self.path) if getattr(self, "path", None) else tmp_path)
+            raise _exc
+        monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
+        expected = KeyboardInterrupt if isinstance(exc, KeyboardInterrupt) else InputError
+        with pytest.raises(expected) as info:
+            export_gguf(oprm_rag.DEMO_MODEL, tmp_path / "x.gguf")
+        assert list(tmp_path.iterdir()) == []  # neither the output nor a temp file
+        if expected is InputError:
+            assert "disk is full" in str(info.value)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", real)
+    assert seen and all(p.parent == tmp_path for p in seen if p != tmp_path)
+
+
+def test_refuses_to_write_over_the_models_own_files(tmp_path: Path) -> None:
+    folder = _copy_demo(tmp_path)
+    weights = folder / "model.safetensors"
+    before = weights.read_bytes()
+    (tmp_path / "link.gguf").symlink_to(weights)
+    import os
+
+    os.link(weights, tmp_path / "hard.gguf")
+    for out in (weights, folder / "." / "model.safetensors", tmp_path / "link.gguf", tmp_path / "hard.gguf",
+                folder / "config.json"):
+        with pytest.raises(InputError, match="input file"):
+            export_gguf(folder, out)
+        assert _cli(str(folder), str(out)) == 1
+    assert weights.read_bytes() == before
+
+
+def test_bad_folders_and_outputs_are_the_users_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _copy_demo(tmp_path)
+    good = (folder / "config.json").read_bytes()
+    for content, match in ((b"[1, 2]", "JSON list, not an object"), (b"[" * 100_000 + b"]" * 100_000, "nested"),
+                           (b"\xff\xfe{}", "not UTF-8"), (b'{"model_type": "mamba2"}', "not in the shape")):
+        (folder / "config.json").write_bytes(content)
+        with pytest.raises(InputError, match=match):
+            export_gguf(folder, tmp_path / "y.gguf")
+        assert _cli(str(folder), str(tmp_path / "y.gguf")) == 1
+    (folder / "config.json").write_bytes(good)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        export_gguf(folder, blocker / "sub" / "y.gguf")
+    assert _cli(str(folder), str(blocker / "y.gguf")) == 1
+    err = capsys.readouterr().err
+    assert "internal error" not in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_context_length_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in (2**32, 0, -5):
+        with pytest.raises(InputError, match="1 to 4,294,967,295"):
+            export_gguf(oprm_rag.DEMO_MODEL, tmp_path / "c.gguf", context_length=bad)
+    assert _cli(oprm_rag.DEMO_MODEL, str(tmp_path / "c.gguf"), "--context-length", str(2**32)) == 2
+    assert "4,294,967,295" in capsys.readouterr().err
+    out = export_gguf(oprm_rag.DEMO_MODEL, tmp_path / "c.gguf", context_length=2**32 - 1)
+    assert gguf.GGUFReader(str(out)).fields["mamba2.context_length"].contents() == 2**32 - 1
+
+
+def test_a_wordpiece_tokenizer_is_not_told_to_try_pre_tokenizer(tmp_path: Path) -> None:
+    folder = _copy_demo(tmp_path)
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    tok["model"] = {"type": "WordPiece", "vocab": vocab, "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                    "max_input_chars_per_word": 100}
+    tok["pre_tokenizer"] = {"type": "BertPreTokenizer"}
+    tok["decoder"] = {"type": "WordPiece", "prefix": "##", "cleanup": True}
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    for pre in (None, "gpt-2"):
+        with pytest.raises(InputError, match="WordPiece") as info:
+            export_gguf(folder, tmp_path / "w.gguf", pre_tokenizer=pre)
+        assert "pre_tokenizer" not in str(info.value) and "--pre-tokenizer" not in str(info.value)
+
+
+def test_the_output_keeps_a_normal_file_mode(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    out = export_gguf(oprm_rag.DEMO_MODEL, tmp_path / "m.gguf")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
