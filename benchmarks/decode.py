@@ -85,8 +85,8 @@ def decode_rate(lm: Any, state: Any, logits: torch.Tensor, batch: int, tokens: i
                 repeat: int) -> tuple[float, float]:
     """Median generated tokens per second (all rows) over ``repeat`` runs: per wall-clock
     second, and per CPU second of the decoding thread (what one quiet core would give)."""
-    from oprm_rag.decoding import Decoder, TokenStream
-    from oprm_rag.generation import GenerationConfig
+    from oprm_rag.decoding.loop import Decoder, TokenStream
+    from oprm_rag.decoding.config import GenerationConfig
 
     cfg = GenerationConfig(max_new_tokens=tokens, stop_at_eos=False)
     states, first = (state, logits) if batch == 1 else (state.expand(batch), logits.expand(batch, -1))

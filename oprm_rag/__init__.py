@@ -22,7 +22,7 @@ DEMO_MODEL: str = str(Path(__file__).parent / "demo" / "model")
 _LAZY = {
     "RecurrentLM": "oprm_rag.lm",
     "ModelContext": "oprm_rag.context",
-    "TokenStream": "oprm_rag.decoding",
+    "TokenStream": "oprm_rag.decoding.loop",
     "OPRMSelector": "oprm_rag.selector",
     "SelectorOptions": "oprm_rag.options",
     "Engine": "oprm_rag.engine",
@@ -35,8 +35,8 @@ _LAZY = {
     "RecurrentState": "oprm_rag.state",
     "DocumentStateCache": "oprm_rag.cache",
     "PromptTemplate": "oprm_rag.prompts",
-    "GenerationConfig": "oprm_rag.generation",
-    "Generation": "oprm_rag.generation",
+    "GenerationConfig": "oprm_rag.decoding.config",
+    "Generation": "oprm_rag.decoding.config",
     "CollapseMitigation": "oprm_rag.mitigation",
     "resolve_lm": "oprm_rag.registry",
     "OPRMError": "oprm_rag.errors",
@@ -53,10 +53,10 @@ __all__ = sorted([*_LAZY, "DEMO_MODEL", "load_demo_lm", "__version__"])
 if TYPE_CHECKING:  # pragma: no cover
     from .cache import DocumentStateCache
     from .context import ModelContext
-    from .decoding import TokenStream
+    from .decoding.loop import TokenStream
     from .engine import Engine
     from .errors import InputError, ModelLoadError, NonFiniteScoresError, OPRMError, OptionError, ServerError
-    from .generation import Generation, GenerationConfig
+    from .decoding.config import Generation, GenerationConfig
     from .lm import RecurrentLM
     from .mitigation import CollapseMitigation
     from .options import SelectorOptions

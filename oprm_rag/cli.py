@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .decoding.config import GenerationConfig
 from .cli_args import (EXIT_INTERRUPT, EXIT_PIPE, EXIT_USAGE, CLIError, add_model_args, add_selector_args,
                        engine_from_args, positive_int, run_reporting, selector_options_from_args, startup_interrupts)
 
@@ -33,7 +34,7 @@ def _common(p: argparse.ArgumentParser, question: str | None, required: bool = F
     add_model_args(p)
     add_selector_args(p)
     p.add_argument("--cache-dir", help="keep chunk states on disk here: follow-up runs cost only the question")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=GenerationConfig.max_new_tokens)
 
 
 def _parser() -> argparse.ArgumentParser:

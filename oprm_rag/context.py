@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from .chunking import as_int32
-from .decoding import Decoder, TokenStream
+from .decoding.loop import Decoder, TokenStream
 from .engine import ChunkSize, Engine, Extension, FirstTokens, LogitsWanted
 from .errors import InputError
-from .generation import Generation, GenerationConfig
+from .decoding.config import Generation, GenerationConfig
 from .handoff import StateHandoff
 from .scoring import first_token_stats, idk_token_ids, question_logprob
 from .state import RecurrentState

@@ -34,10 +34,12 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
     from .cache import DocumentStateCache
-    from .generation import Generation, GenerationConfig
+    from .decoding.config import Generation, GenerationConfig
     from .prompts import PromptTemplate
 
-__all__ = ["Engine", "Extension", "FirstTokens", "ChunkSize", "TextStream", "BaseTextStream", "LogitsWanted",
+from .decoding.stream import BaseTextStream
+
+__all__ = ["Engine", "Extension", "FirstTokens", "ChunkSize", "BaseTextStream", "LogitsWanted",
            "TokenCounting"]
 
 #: What ``extend`` must return besides the states: nothing (a lazy engine may then skip the
@@ -103,48 +105,6 @@ class FirstTokens:
         if self.entropy_bounds is None:
             return self.entropy[row], self.entropy[row]
         return self.entropy_bounds[row]
-
-
-@runtime_checkable
-class TextStream(Protocol):
-    """An answer being decoded: iterate for text pieces; ``result`` is complete at the end."""
-
-    result: "Generation"
-
-    def __iter__(self) -> Iterator[str]: ...
-
-
-class BaseTextStream(ABC):
-    """The :class:`TextStream` protocol over a ``_pieces()`` generator: iterating twice
-    continues the same answer, ``close()`` stops decoding early, ``text()`` runs to the
-    end. ``reused_tokens`` counts prompt tokens resumed from a handed-off state."""
-
-    result: "Generation"
-    reused_tokens: int = 0
-    _iter: Iterator[str] | None = None
-
-    @abstractmethod
-    def _pieces(self) -> Iterator[str]:
-        """The answer's text pieces as they are decoded (fills ``result`` as it goes)."""
-
-    @property
-    def handoff_hit(self) -> bool:
-        return self.reused_tokens > 0
-
-    def __iter__(self) -> Iterator[str]:
-        if self._iter is None:
-            self._iter = self._pieces()
-        return self._iter
-
-    def close(self) -> None:
-        if self._iter is not None:
-            self._iter.close()  # type: ignore[attr-defined]
-
-    def text(self) -> str:
-        """Run to the end and return the whole answer."""
-        for _ in self:
-            pass
-        return self.result.text
 
 
 class Engine(ABC):
@@ -275,7 +235,7 @@ class Engine(ABC):
 
     @abstractmethod
     def stream(self, state: Any, logits: Any, config: "GenerationConfig", *,
-               prompt_tokens: int = 0) -> TextStream:
+               prompt_tokens: int = 0) -> BaseTextStream:
         """Decode one answer from a batch-1 state whose next-token scores are ``logits``
         (as ``row_logits`` gave them)."""
 

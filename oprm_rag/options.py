@@ -19,10 +19,11 @@ many chunks to select; sampling's top-k is ``GenerationConfig.top_k``, passed to
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Union
 
+from .checks import check_bool, check_choice, check_float, check_int
+from .decoding.config import GENERATION_ALIASES
 from .errors import OptionError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .prompts import PromptTemplate
 
 __all__ = ["SelectorOptions", "OptionSpec", "option_specs", "parse_chunk_tokens", "check_names", "Boundary", "Criterion",
-           "Fallback", "ChunkTokens", "MIN_CHUNK_TOKENS", "GENERATION_OPTION_NAMES"]
+           "Fallback", "ChunkTokens", "MIN_CHUNK_TOKENS"]
 
 Boundary = Literal["paragraph", "sentence"]
 Criterion = Literal["entropy", "question_likelihood"]
@@ -40,10 +41,6 @@ ChunkTokens = Union[int, Literal["auto"], None]
 #: Below this a chunk holds too little text to answer from; it is refused.
 MIN_CHUNK_TOKENS = 8
 
-#: Names that belong to decoding (``answer``/``stream``), not to selection: passing one to
-#: the selector is a mistake we can name.
-GENERATION_OPTION_NAMES = frozenset({"max_new_tokens", "max_tokens", "temperature", "top_p", "sample_top_k",
-                                     "seed", "stop", "stop_at_eos"})
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -93,25 +90,25 @@ class SelectorOptions:
 
     def __post_init__(self) -> None:
         _check_chunk_tokens(self.chunk_tokens)
-        _check_int("chunk_overlap", self.chunk_overlap, low=0)
+        check_int("chunk_overlap", self.chunk_overlap, low=0)
         if isinstance(self.chunk_tokens, int) and self.chunk_overlap >= self.chunk_tokens:
             raise OptionError(f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_tokens "
                               f"({self.chunk_tokens})")
-        _check_choice("boundary", self.boundary, ("paragraph", "sentence", None))
-        _check_float("boundary_tolerance", self.boundary_tolerance, low=0.0, high=1.0)
-        _check_int("top_k", self.top_k, low=1)
-        _check_choice("criterion", self.criterion, ("entropy", "question_likelihood"))
-        _check_bool("idk_filter", self.idk_filter)
+        check_choice("boundary", self.boundary, ("paragraph", "sentence", None))
+        check_float("boundary_tolerance", self.boundary_tolerance, low=0.0, high=1.0)
+        check_int("top_k", self.top_k, low=1)
+        check_choice("criterion", self.criterion, ("entropy", "question_likelihood"))
+        check_bool("idk_filter", self.idk_filter)
         if self.idk_word is not None and (not isinstance(self.idk_word, str) or not self.idk_word.strip()):
             raise OptionError(f"idk_word must be a non-empty string or None, got {self.idk_word!r}")
         if self.idk_threshold is not None:
-            _check_float("idk_threshold", self.idk_threshold, low=0.0, high=1.0, low_open=True)
+            check_float("idk_threshold", self.idk_threshold, low=0.0, high=1.0, low_open=True)
         if self.entropy_threshold is not None:
-            _check_float("entropy_threshold", self.entropy_threshold)
-        _check_choice("fallback", self.fallback, ("min_entropy", None))
-        _check_int("max_batch_tokens", self.max_batch_tokens, low=1)
-        _check_bool("cache", self.cache)
-        _check_bool("show_progress", self.show_progress)
+            check_float("entropy_threshold", self.entropy_threshold)
+        check_choice("fallback", self.fallback, ("min_entropy", None))
+        check_int("max_batch_tokens", self.max_batch_tokens, low=1)
+        check_bool("cache", self.cache)
+        check_bool("show_progress", self.show_progress)
         if self.prompt is not None:
             from .prompts import PromptTemplate
 
@@ -237,7 +234,7 @@ def _check_names(values: Mapping[str, Any], also: frozenset[str] = frozenset()) 
     for key in values:
         if key in names:
             continue
-        if key in GENERATION_OPTION_NAMES:
+        if key in GENERATION_ALIASES:  # (top_k, a selection option, is among the names above)
             raise OptionError(f"{key!r} is a generation option, not a selection option: pass it to answer(), "
                               "stream() or summarize()")
         near = difflib.get_close_matches(key, sorted(names), n=1)
@@ -252,32 +249,3 @@ def _check_chunk_tokens(value: Any) -> None:
         raise OptionError(f"chunk_tokens must be an int, 'auto' or None, got {value!r}")
     if value < MIN_CHUNK_TOKENS:
         raise OptionError(f"chunk_tokens={value} is too small; use at least {MIN_CHUNK_TOKENS} tokens")
-
-
-def _check_int(name: str, value: Any, low: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise OptionError(f"{name} must be an int, got {value!r}")
-    if low is not None and value < low:
-        raise OptionError(f"{name} must be >= {low}, got {value}")
-
-
-def _check_float(name: str, value: Any, low: float | None = None, high: float | None = None,
-                 low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise OptionError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise OptionError(f"{name} must be finite, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise OptionError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and value > high:
-        raise OptionError(f"{name} must be <= {high}, got {value}")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise OptionError(f"{name} must be True or False, got {value!r}")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
-    if value not in choices or isinstance(value, bool):
-        raise OptionError(f"{name} must be one of {list(choices)}, got {value!r}")

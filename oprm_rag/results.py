@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 
+from .decoding.stream import BaseTextStream
+
 if TYPE_CHECKING:  # pragma: no cover
     pass
 
@@ -323,31 +325,23 @@ class Answer:
         return out
 
 
-class AnswerStream:
+class AnswerStream(BaseTextStream):
     """Iterate for text pieces; ``answer`` is complete once iteration ends.
 
     ``selection`` (every chunk's score, the winner) is available before the first piece
-    for answers; summaries fill it in as the parts are decoded.
+    for answers; summaries fill it in as the parts are decoded. ``close()`` stops decoding
+    early (the rest of the answer is not computed).
     """
 
     def __init__(self, make: Callable[["AnswerStream"], Iterator[str]],
                  selection: SelectionResult | None = None) -> None:
         self.answer: Answer | None = None
         self.selection: SelectionResult | None = selection
-        self._iter = make(self)
+        self._make = make
 
-    def __iter__(self) -> Iterator[str]:
-        return self._iter
+    def _pieces(self) -> Iterator[str]:
+        return self._make(self)
 
-    def close(self) -> None:
-        """Stop decoding early (the rest of the answer is not computed)."""
-        close = getattr(self._iter, "close", None)
-        if close is not None:
-            close()
-
-    def text(self) -> str:
-        """Run to the end and return the whole answer."""
-        for _ in self:
-            pass
+    def _final_text(self) -> str:
         assert self.answer is not None
         return self.answer.text

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from .engine import Engine
 from .errors import InputError, InputTypeError, OptionError
-from .generation import GenerationConfig
+from .decoding.config import GENERATION_ALIASES, SELECTION_NAMES, SUMMARY_MAX_NEW_TOKENS, GenerationConfig
 from .options import SelectorOptions
 from .pipeline import Candidate, Question, ScoringRun, Winners, tokenize_document
 from .results import Answer, AnswerStream, SelectionResult, Usage
@@ -36,9 +36,10 @@ __all__ = ["OPRMSelector", "SelectionResult", "Answer", "AnswerStream", "resolve
 
 logger = logging.getLogger("oprm_rag")
 
-#: ``answer()``/``stream()`` keywords that map to ``GenerationConfig`` fields.
-_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "sample_top_k": "top_k", "seed": "seed",
-             "stop": "stop", "stop_at_eos": "stop_at_eos"}
+#: ``answer()``/``stream()`` sampling keywords: the decoding aliases less the length (its own
+#: argument) and the names that mean selection here (``top_k``).
+_SAMPLING = {k: v for k, v in GENERATION_ALIASES.items()
+             if k not in SELECTION_NAMES and v != "max_new_tokens"}
 
 
 def resolve_engine(model: Any) -> Engine:
@@ -219,7 +220,7 @@ class OPRMSelector:
         return sum(len(d.chunks) for d in docs)
 
     # ------------------------------------------------------------------ answering
-    def answer(self, question: str, documents: str | Sequence[str], *, max_new_tokens: int = 64,
+    def answer(self, question: str, documents: str | Sequence[str], *, max_new_tokens: int | None = None,
                return_inputs: bool = False, generation: GenerationConfig | None = None, **sampling: Any) -> Answer:
         """Select, then decode the answer from the winning chunk's stored state.
 
@@ -233,7 +234,7 @@ class OPRMSelector:
         assert stream.answer is not None
         return stream.answer
 
-    def stream(self, question: str, documents: str | Sequence[str], *, max_new_tokens: int = 64,
+    def stream(self, question: str, documents: str | Sequence[str], *, max_new_tokens: int | None = None,
                return_inputs: bool = False, generation: GenerationConfig | None = None,
                **sampling: Any) -> AnswerStream:
         """Like :meth:`answer`, as an iterator of text pieces (``.answer`` at the end)."""
@@ -241,12 +242,12 @@ class OPRMSelector:
         result = self.select(question, documents, return_inputs=return_inputs)
         return self._stream_from(result, cfg, return_inputs)
 
-    def stream_from(self, result: SelectionResult, *, max_new_tokens: int = 64, return_inputs: bool = False,
+    def stream_from(self, result: SelectionResult, *, max_new_tokens: int | None = None, return_inputs: bool = False,
                     generation: GenerationConfig | None = None, **sampling: Any) -> AnswerStream:
         """Stream the answer from a selection you already hold (no re-scoring, no prefill)."""
         return self._stream_from(result, self._generation(max_new_tokens, generation, sampling), return_inputs)
 
-    def answer_from(self, result: SelectionResult, *, max_new_tokens: int = 64,
+    def answer_from(self, result: SelectionResult, *, max_new_tokens: int | None = None,
                     generation: GenerationConfig | None = None, **sampling: Any) -> Answer:
         """Decode from a selection you already hold (no re-scoring)."""
         holder = self.stream_from(result, max_new_tokens=max_new_tokens, generation=generation, **sampling)
@@ -260,9 +261,10 @@ class OPRMSelector:
         return AnswerStream(lambda holder: self._answer_from(result, cfg, holder, return_inputs), selection=result)
 
     @staticmethod
-    def _generation(max_new_tokens: int, generation: GenerationConfig | None,
+    def _generation(max_new_tokens: int | None, generation: GenerationConfig | None,
                     sampling: dict[str, Any]) -> GenerationConfig:
-        """The decoding configuration; selection options here are a named mistake."""
+        """The decoding configuration (``None``: ``GenerationConfig``'s default); selection
+        options here are a named mistake."""
         if "top_k" in sampling:
             raise OptionError("top_k selects chunks: set it on the selector (OPRMSelector(..., top_k=3)); "
                               "for sampling from the k most likely tokens pass sample_top_k=")
@@ -271,8 +273,8 @@ class OPRMSelector:
             raise OptionError(f"unexpected argument(s) {unknown}; decoding takes max_new_tokens, "
                               f"{sorted(_SAMPLING)} or generation=GenerationConfig(...)")
         if generation is not None:
-            if sampling:
-                raise OptionError("pass sampling options either in generation=GenerationConfig(...) or as "
+            if sampling or max_new_tokens is not None:
+                raise OptionError("pass decoding options either in generation=GenerationConfig(...) or as "
                                   "keywords, not both")
             return generation
         return GenerationConfig.make(max_new_tokens=max_new_tokens,
@@ -320,8 +322,8 @@ class OPRMSelector:
         return ext.states, self.engine.row_logits(ext, 0), ids, len(tail)
 
     # ------------------------------------------------------------------ summaries
-    def summarize(self, documents: str | Sequence[str], question: str | None = None, *, max_new_tokens: int = 96,
-                  generation: GenerationConfig | None = None, **sampling: Any) -> Answer:
+    def summarize(self, documents: str | Sequence[str], question: str | None = None, *,
+                  max_new_tokens: int | None = None, generation: GenerationConfig | None = None, **sampling: Any) -> Answer:
         """The paper's summary mode: decode from every chunk, join the parts in document order."""
         stream = self.stream_summary(documents, question, max_new_tokens=max_new_tokens, generation=generation,
                                      **sampling)
@@ -330,8 +332,10 @@ class OPRMSelector:
         return stream.answer
 
     def stream_summary(self, documents: str | Sequence[str], question: str | None = None, *,
-                       max_new_tokens: int = 96, generation: GenerationConfig | None = None,
+                       max_new_tokens: int | None = None, generation: GenerationConfig | None = None,
                        **sampling: Any) -> AnswerStream:
+        if max_new_tokens is None and generation is None:
+            max_new_tokens = SUMMARY_MAX_NEW_TOKENS
         cfg = self._generation(max_new_tokens, generation, sampling)
         q = question or self.prompt.summary_question
         self._question(q)

@@ -13,8 +13,8 @@ import random
 
 import pytest
 
-from oprm_rag.detokenize import IncrementalTextAssembler
-from oprm_rag.generation import TextAssembler
+from oprm_rag.decoding.text import IncrementalTextAssembler
+from oprm_rag.decoding.text import TextAssembler
 
 TEXT = ("The code of beacux is 4362. Ünïcödé: naïve café, 中文字符, emoji 🙂🚀, Ελληνικά, русский. "
         "Don't stop -- 12,345.67 tokens? Yes! (maybe) [x] {y} \"quoted\" 'single' tab\tnew\nline. ") * 3

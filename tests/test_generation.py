@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from oprm_rag.generation import GenerationConfig, TextAssembler
+from oprm_rag.decoding.config import GenerationConfig
+from oprm_rag.decoding.text import TextAssembler
 from oprm_rag.testing import tiny_tokenizer
 
 

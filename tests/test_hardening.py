@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from oprm_rag import OPRMSelector, PromptTemplate, RecurrentLM, SelectorOptions
-from oprm_rag.decoding import Decoder
+from oprm_rag.decoding.loop import Decoder
 from oprm_rag.errors import InputError, NonFiniteScoresError, OptionError
-from oprm_rag.generation import GenerationConfig
+from oprm_rag.decoding.config import GenerationConfig
 from oprm_rag.scoring import first_token_stats, idk_token_ids
 
 QUESTION = "What is the code of alpha?"

@@ -1,25 +1,38 @@
-"""Decoding from a stored state: sampling, stop strings and incremental detokenisation.
+"""How to decode, and what came out: ``GenerationConfig``, ``Generation``, sampling.
 
-Decoding is ours rather than ``model.generate`` because generate re-feeds the whole
-prompt on top of a passed state, ignores ``past_key_values`` on these models and is
-wrong for batched RWKV. Here the prompt is already inside the state and only new
-tokens are fed, one at a time.
+Every decoding option, its default and its check live here once, as do the names
+frameworks and the selector use for them (``GENERATION_ALIASES``): the selector's
+``answer()``, the CLI, the web app, eval and both integrations read their defaults from
+``GenerationConfig`` instead of writing their own.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
+from ..checks import check_int
+from ..errors import OptionError
 
-__all__ = ["GenerationConfig", "Generation", "TextAssembler", "choose_next", "GENERATION_ALIASES"]
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
-#: The names frameworks use for decoding options, mapped to ``GenerationConfig`` fields.
-GENERATION_ALIASES = {"max_tokens": "max_new_tokens", "max_new_tokens": "max_new_tokens",
-                      "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed",
-                      "stop_at_eos": "stop_at_eos"}
+__all__ = ["GenerationConfig", "Generation", "GENERATION_ALIASES", "SELECTION_NAMES",
+           "SUMMARY_MAX_NEW_TOKENS"]
+
+#: Every name a caller may use for a decoding option, mapped to its ``GenerationConfig``
+#: field: frameworks say ``max_tokens`` and ``top_k``; the selector, where ``top_k`` picks
+#: chunks, says ``sample_top_k``.
+GENERATION_ALIASES = {"max_new_tokens": "max_new_tokens", "max_tokens": "max_new_tokens",
+                      "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "sample_top_k": "top_k",
+                      "seed": "seed", "stop": "stop", "stop_at_eos": "stop_at_eos"}
+
+#: Aliases that mean a *selection* option where a selector takes them (``top_k``: chunks).
+SELECTION_NAMES = frozenset({"top_k"})
+
+#: Answer length of a summary part (one per chunk): longer than a question's answer.
+SUMMARY_MAX_NEW_TOKENS = 96
 
 
 @dataclass(frozen=True)
@@ -35,13 +48,8 @@ class GenerationConfig:
     stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
-        from .errors import OptionError
-
         def whole(name: str, value: Any, low: int) -> None:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise OptionError(f"{name} must be a whole number, got {value!r}")
-            if value < low:
-                raise OptionError(f"{name} must be >= {low}, got {value}")
+            check_int(name, value, low, noun="a whole number")
 
         whole("max_new_tokens", self.max_new_tokens, 0)
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
@@ -72,12 +80,10 @@ class GenerationConfig:
         instead of being dropped: a misspelt option silently ignored would change what
         the model does without telling anyone. ``stop`` is the final list of stop strings.
         """
-        from .errors import OptionError
-
         values: dict[str, Any] = {}
         for source in (defaults, overrides):
             for key, value in source.items():
-                if key not in GENERATION_ALIASES:
+                if key not in GENERATION_ALIASES or key == "stop":
                     raise OptionError(f"unsupported generation argument {key!r}; supported: "
                                       f"{sorted(GENERATION_ALIASES)} and stop")
                 if value is not None:
@@ -91,9 +97,11 @@ class GenerationConfig:
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         return cls(stop=tuple(stop or ()), **kwargs)
 
-    def generator(self, device: torch.device) -> torch.Generator | None:
+    def generator(self, device: "torch.device") -> "torch.Generator | None":
         if self.temperature == 0 or self.seed is None:
             return None
+        import torch
+
         g = torch.Generator(device=device)
         g.manual_seed(self.seed)
         return g
@@ -116,82 +124,3 @@ class Generation:
     def usage(self) -> dict[str, int]:
         return {"input_tokens": self.prompt_tokens, "output_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-
-def choose_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Pick the next token per row from float32 logits [b, v]."""
-    if cfg.temperature == 0:
-        return logits.argmax(dim=-1)
-    scores = logits / cfg.temperature
-    if cfg.top_k is not None and cfg.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, cfg.top_k, dim=-1).values[..., -1, None]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if cfg.top_p is not None and cfg.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
-        cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_scores, dim=-1) > cfg.top_p  # keep the first token always
-        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-class TextAssembler:
-    """Turns a growing list of token ids into safe text deltas.
-
-    It re-decodes the whole answer each step (tokenizers merge bytes across tokens),
-    holds back an incomplete UTF-8 tail and any text that might be the start of a stop
-    string, and cuts the answer at the first stop string.
-    """
-
-    def __init__(self, tokenizer, stop: Iterable[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = tuple(stop)
-        self.ids: list[int] = []
-        self.emitted = 0
-        self.text = ""
-        self.stopped = False
-
-    def _current_text(self) -> str:
-        """The whole answer's text so far (here: a full decoding; see ``IncrementalTextAssembler``)."""
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def add(self, token_id: int) -> str:
-        """Add a token; return the new text that is safe to show (maybe empty)."""
-        self.ids.append(token_id)
-        text = self._current_text()
-        cut = self._first_stop(text)
-        if cut is not None:
-            self.stopped = True
-            self.text = text[:cut]
-            return self._release(cut)
-        self.text = text
-        safe = len(text) - self._held_back(text)
-        # A trailing U+FFFD is an incomplete multi-byte character: wait for the next token.
-        safe = min(safe, len(text.rstrip("\ufffd")))
-        return self._release(safe)
-
-    def finish(self) -> str:
-        """Everything not yet emitted (at the end of decoding)."""
-        return self._release(len(self.text))
-
-    def _release(self, upto: int) -> str:
-        if upto <= self.emitted:
-            return ""
-        piece = self.text[self.emitted:upto]
-        self.emitted = upto
-        return piece
-
-    def _first_stop(self, text: str) -> int | None:
-        hits = [i for i in (text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
-
-    def _held_back(self, text: str) -> int:
-        """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-        best = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    best = max(best, k)
-                    break
-        return best

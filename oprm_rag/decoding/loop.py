@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
-from .engine import BaseTextStream
-from .errors import NonFiniteScoresError
-from .detokenize import IncrementalTextAssembler
-from .generation import Generation, GenerationConfig, choose_next
-from .scoring import nonfinite_rows
+from ..errors import NonFiniteScoresError
+from ..scoring import nonfinite_rows
+from .config import Generation, GenerationConfig
+from .stream import BaseTextStream
+from .text import IncrementalTextAssembler
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .lm import RecurrentLM
-    from .state import RecurrentState
+    from ..lm import RecurrentLM
+    from ..state import RecurrentState
 
-__all__ = ["Decoder", "TokenStream"]
+__all__ = ["Decoder", "TokenStream", "choose_next"]
 
 
 class Decoder:
@@ -116,3 +116,21 @@ class TokenStream(BaseTextStream):
 
     def _pieces(self) -> Iterator[str]:
         return (piece for _, piece in self._decoder.pieces())
+
+
+def choose_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick the next token per row from float32 logits [b, v]."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, cfg.top_k, dim=-1).values[..., -1, None]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_scores, dim=-1) > cfg.top_p  # keep the first token always
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

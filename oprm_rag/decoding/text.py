@@ -1,6 +1,6 @@
-"""Streaming detokenisation in constant time per token.
+"""Token ids to text while decoding: the reference assembler and the constant-time one.
 
-:class:`~oprm_rag.generation.TextAssembler` re-decodes the whole answer at every token,
+:class:`TextAssembler` (the reference) re-decodes the whole answer at every token,
 because tokenizers merge bytes across tokens (a multi-byte character split over byte
 tokens, SentencePiece's word-initial spaces, WordPiece's ``##`` joins). That is
 O(n) per token and O(n^2) per answer: at 256 tokens it costs a fifth of a decode
@@ -24,9 +24,69 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterable
 
-from .generation import TextAssembler
 
-__all__ = ["IncrementalTextAssembler", "COMMIT_EVERY", "CONTEXT_TOKENS"]
+__all__ = ["TextAssembler", "IncrementalTextAssembler", "COMMIT_EVERY", "CONTEXT_TOKENS"]
+
+class TextAssembler:
+    """Turns a growing list of token ids into safe text deltas.
+
+    It re-decodes the whole answer each step (tokenizers merge bytes across tokens),
+    holds back an incomplete UTF-8 tail and any text that might be the start of a stop
+    string, and cuts the answer at the first stop string.
+    """
+
+    def __init__(self, tokenizer, stop: Iterable[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.text = ""
+        self.stopped = False
+
+    def _current_text(self) -> str:
+        """The whole answer's text so far (here: a full decoding; see ``IncrementalTextAssembler``)."""
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def add(self, token_id: int) -> str:
+        """Add a token; return the new text that is safe to show (maybe empty)."""
+        self.ids.append(token_id)
+        text = self._current_text()
+        cut = self._first_stop(text)
+        if cut is not None:
+            self.stopped = True
+            self.text = text[:cut]
+            return self._release(cut)
+        self.text = text
+        safe = len(text) - self._held_back(text)
+        # A trailing U+FFFD is an incomplete multi-byte character: wait for the next token.
+        safe = min(safe, len(text.rstrip("\ufffd")))
+        return self._release(safe)
+
+    def finish(self) -> str:
+        """Everything not yet emitted (at the end of decoding)."""
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        piece = self.text[self.emitted:upto]
+        self.emitted = upto
+        return piece
+
+    def _first_stop(self, text: str) -> int | None:
+        hits = [i for i in (text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    best = max(best, k)
+                    break
+        return best
+
 
 logger = logging.getLogger("oprm_rag")
 

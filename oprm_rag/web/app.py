@@ -46,6 +46,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..decoding.config import GenerationConfig
 from ..aio import aiter_in_thread
 from ..cli_args import (CLIError, add_model_args, add_selector_args, engine_from_args, positive_int,
                         selector_options_from_args)
@@ -75,7 +76,7 @@ class WebSettings:
     max_document_chars: int = 5_000_000  # one document's characters
     max_upload_bytes: int = 25 * 2**20  # one upload's bytes (PDFs are larger than their text)
     max_question_chars: int = 2000
-    default_max_new_tokens: int = 64
+    default_max_new_tokens: int = GenerationConfig.max_new_tokens
     max_new_tokens_limit: int = 512
     max_concurrent_asks: int = 1  # questions using the model at once; the rest wait their turn
     max_ask_bytes: int = 64 * 1024  # one /api/ask request body (a question and a few fields)
@@ -416,7 +417,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a Host name to answer for besides localhost (repeat; '*' answers any)")
     add_model_args(p)
     add_selector_args(p)
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="default answer length in tokens")
+    p.add_argument("--max-new-tokens", type=positive_int, default=GenerationConfig.max_new_tokens, help="default answer length in tokens")
     return p
 
 

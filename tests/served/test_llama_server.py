@@ -20,7 +20,7 @@ import oprm_rag
 from oprm_rag import OPRMSelector
 from oprm_rag.demo.recall_task import build_document, heldout_prose, question_for
 from oprm_rag.errors import OptionError
-from oprm_rag.generation import GenerationConfig
+from oprm_rag.decoding.config import GenerationConfig
 from oprm_rag.served import OpenAICompatibleLM
 from oprm_rag.served.engine import PromptRows
 from oprm_rag.served.errors import ContextOverflowError

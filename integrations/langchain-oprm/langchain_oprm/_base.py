@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ._model import ModelLike, check_model, model_name, resolve_lm, validate_model_field
 
 if TYPE_CHECKING:
-    from oprm_rag.generation import GenerationConfig
+    from oprm_rag.decoding.config import GenerationConfig
     from oprm_rag.lm import RecurrentLM
 
 __all__ = ["RecurrentModelBase"]
@@ -89,7 +89,7 @@ class RecurrentModelBase(BaseModel):
         """The model and decoding configuration of one call: per-call kwargs (and a per-call
         ``model``) override the fields. The configuration is made first, so bad arguments
         fail before any weights load."""
-        from oprm_rag.generation import GenerationConfig
+        from oprm_rag.decoding.config import GenerationConfig
 
         kwargs = dict(kwargs)
         override = kwargs.pop("model", None)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Sequen
 
 if TYPE_CHECKING:
     from oprm_rag.context import PromptStart
-    from oprm_rag.generation import Generation, GenerationConfig
+    from oprm_rag.decoding.config import Generation, GenerationConfig
     from oprm_rag.lm import RecurrentLM
 
 __all__ = ["Done", "decode", "iterate_in_thread", "usage_metadata"]
@@ -44,7 +44,7 @@ def decode(lm: "RecurrentLM", prompt: str | Sequence[int], config: "GenerationCo
 
     Blocking (prefill and every decoding step): async callers run it in a worker thread.
     """
-    from oprm_rag.decoding import TokenStream
+    from oprm_rag.decoding.loop import TokenStream
 
     started = lm.context.start_prompt(prompt, add_special_tokens=add_special_tokens)
     stream = TokenStream(lm, started.state, started.logits, config, prompt_tokens=len(started.ids),

@@ -16,6 +16,8 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langchain_core.prompt_values import ChatPromptValue
 from langchain_core.runnables import Runnable, RunnableBranch, RunnableLambda, RunnablePassthrough
 
+from oprm_rag.decoding.config import GenerationConfig
+
 from ._documents import context_of
 from ._model import ModelLike
 from .chat_models import ChatRecurrent
@@ -43,8 +45,8 @@ def oprm_prompt_messages(selector: OPRMSelector, question: str, documents: list[
     return messages
 
 
-def create_oprm_qa_chain(model: ModelLike, *, max_tokens: int = 64, temperature: float = 0.0,
-                         chat_model: Optional[ChatRecurrent] = None,
+def create_oprm_qa_chain(model: ModelLike, *, max_tokens: int = GenerationConfig.max_new_tokens,
+                         temperature: float = 0.0, chat_model: Optional[ChatRecurrent] = None,
                          **selector_kwargs: Any) -> Runnable[dict[str, Any], AIMessage]:
     """A question-answering chain: ``{"question", "documents"}`` in, the answer ``AIMessage`` out.
 

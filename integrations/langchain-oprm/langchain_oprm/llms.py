@@ -21,7 +21,7 @@ from ._generation import Done, decode, iterate_in_thread, usage_metadata
 
 if TYPE_CHECKING:
     from oprm_rag.context import PromptStart
-    from oprm_rag.generation import Generation, GenerationConfig
+    from oprm_rag.decoding.config import Generation, GenerationConfig
     from oprm_rag.lm import RecurrentLM
 
 __all__ = ["RecurrentLLM"]

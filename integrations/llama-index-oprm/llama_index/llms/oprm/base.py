@@ -28,10 +28,12 @@ from llama_index.core.bridge.pydantic import Field
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
+from oprm_rag.decoding.config import GenerationConfig
+
 from .utils import LazyModel, aiter_in_thread
 
 if TYPE_CHECKING:  # pragma: no cover
-    from oprm_rag.decoding import TokenStream
+    from oprm_rag.decoding.loop import TokenStream
     from oprm_rag.lm import RecurrentLM
 
 __all__ = ["RecurrentLLM"]
@@ -53,7 +55,8 @@ class RecurrentLLM(LazyModel, CustomLLM):
     not its training length; pass ``context_window=`` to report something else.
     """
 
-    max_new_tokens: int = Field(default=64, ge=0, description="Tokens to generate at most per call.")
+    max_new_tokens: int = Field(default=GenerationConfig.max_new_tokens, ge=0,
+                                description="Tokens to generate at most per call.")
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
     top_k: Optional[int] = Field(default=None, ge=1, description="Sample from the k most likely tokens.")
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling mass.")
@@ -106,8 +109,6 @@ class RecurrentLLM(LazyModel, CustomLLM):
 
     def _config(self, overrides: Dict[str, Any]) -> Any:
         """Fields overridden by one call's arguments; call ``stop`` strings add to the field's."""
-        from oprm_rag.generation import GenerationConfig
-
         overrides = dict(overrides)
         extra = overrides.pop("stop", None)
         stop = list(self.stop) + ([extra] if isinstance(extra, str) else list(extra or ()))

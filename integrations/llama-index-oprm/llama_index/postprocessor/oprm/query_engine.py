@@ -24,6 +24,7 @@ from llama_index.core.query_engine import CustomQueryEngine
 from llama_index.core.schema import BaseNode, NodeWithScore
 
 from oprm_rag import DEMO_MODEL
+from oprm_rag.decoding.config import GenerationConfig
 
 from llama_index.llms.oprm.utils import ModelArg, aiter_in_thread
 
@@ -47,7 +48,8 @@ class OPRMQueryEngine(OPRMSelectorOptions, CustomQueryEngine):
     nodes: List[SerializeAsAny[BaseNode]] = Field(description="Every node the engine reads, in order.")
     response_mode: ResponseMode = Field(default="answer", description="'answer' or 'summary'.")
     streaming: bool = Field(default=False, description="Return streaming responses.")
-    max_new_tokens: int = Field(default=64, ge=0, description="Answer length limit (per chunk in summaries).")
+    max_new_tokens: int = Field(default=GenerationConfig.max_new_tokens, ge=0,
+                                description="Answer length limit (per chunk in summaries).")
     temperature: float = Field(default=0.0, ge=0.0, description="0 = greedy.")
     seed: Optional[int] = Field(default=None, description="Seed for sampling.")
     stop: List[str] = Field(default_factory=list, description="Stop strings.")
@@ -80,8 +82,6 @@ class OPRMQueryEngine(OPRMSelectorOptions, CustomQueryEngine):
 
     # ------------------------------------------------------------------ pieces
     def _generation(self) -> Any:
-        from oprm_rag.generation import GenerationConfig
-
         defaults = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "seed": self.seed}
         return GenerationConfig.from_call(defaults, self.generation_kwargs, list(self.stop))
 
