@@ -63,14 +63,18 @@ def _probe_dir(folder: Path, what: str) -> None:
         os.unlink(name)
 
 
-def check_output_dir(path: str | Path, what: str) -> Path:
-    """Create the folder ``path`` (and its parents) and check that files can be written in it."""
+def check_output_dir(path: str | Path, what: str, *, create: bool = True) -> Path:
+    """Check that files can be written in the folder ``path``; ``create`` makes it (and its
+    parents), else the nearest folder that exists is checked and nothing is made yet."""
     p = Path(path).expanduser()
     if p.exists() and not p.is_dir():
         raise InputError(f"{what} {p}: is a file, not a folder; give a folder for the results")
     above = _first_existing(p)
     if above.exists() and not above.is_dir():
         raise InputError(f"{what} {p}: {above} is a file, so no folder can be made under it")
+    if not create:
+        _probe_dir(above, f"{what} {p}")
+        return p
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -80,8 +84,9 @@ def check_output_dir(path: str | Path, what: str) -> Path:
 
 
 def check_output_file(path: str | Path, what: str, *, create_parent: bool = True) -> Path:
-    """Check that the file ``path`` can be written (its missing parent folders are created
-    when ``create_parent``); refuse a folder, a parent that is a file, a read-only place."""
+    """Check that the file ``path`` can be written; refuse a folder, a parent that is a
+    file, a read-only place. Missing parent folders are created when ``create_parent``,
+    else only the nearest folder that exists is checked (nothing is made yet)."""
     p = Path(path).expanduser()
     label = f"{what} {p}"
     if p.is_dir():
@@ -92,7 +97,8 @@ def check_output_file(path: str | Path, what: str, *, create_parent: bool = True
         raise InputError(f"{label}: {above} is a file, not a folder")
     if not parent.is_dir():
         if not create_parent:
-            raise InputError(f"{label}: the folder {parent} does not exist")
+            _probe_dir(above, label)
+            return p
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

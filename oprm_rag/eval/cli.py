@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -61,6 +62,44 @@ def _float_list(value: str) -> list[float]:
     if not out:
         raise argparse.ArgumentTypeError("expected at least one number")
     return out
+
+
+#: The shortest needle haystack, in tokens (a fact and a little prose).
+MIN_NEEDLE_LENGTH = 16
+
+
+def _lengths(value: str) -> list[int]:
+    """``--lengths``: context lengths in tokens, each >= 16, duplicates dropped."""
+    out = _int_list(value)
+    for n in out:
+        if n < MIN_NEEDLE_LENGTH:
+            raise argparse.ArgumentTypeError(f"lengths are in tokens, at least {MIN_NEEDLE_LENGTH}; got {n}")
+    return list(dict.fromkeys(out))
+
+
+def _depths(value: str) -> list[float]:
+    """``--depths``: fractions of the text, 0 (start) to 1 (end), duplicates dropped."""
+    out = _float_list(value)
+    labels: dict[str, float] = {}
+    for d in out:
+        if not 0.0 <= d <= 1.0:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"depths are fractions of the text, 0 (start) to 1 (end); got {d:g}")
+        other = labels.setdefault(f"{d:g}", d)  # the records' ids name a depth by these digits
+        if other != d:
+            raise argparse.ArgumentTypeError(f"depths {other!r} and {d!r} are the same to 6 digits; give "
+                                             "depths that differ sooner")
+    return list(dict.fromkeys(labels.values()))
+
+
+def _rate(value: str) -> float:
+    """``--distractors``: facts per 1,000 tokens, a finite number >= 0."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not (math.isfinite(x) and x >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of facts per 1,000 tokens >= 0, got {value}")
+    return x
 
 
 def _common(p: argparse.ArgumentParser, *, data_help: str | None, download: bool = False,
@@ -124,12 +163,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     nd = sub.add_parser("needle", help="needle in a haystack / associative recall, swept over length and depth, "
                                        "with a heatmap PNG")
     _common(nd, data_help=None, gen_default=8)
-    nd.add_argument("--lengths", type=_int_list, default=[256, 512, 1024, 2048, 4096, 8192],
+    nd.add_argument("--lengths", type=_lengths, default=[256, 512, 1024, 2048, 4096, 8192],
                     help="context lengths in tokens (default: 256,512,1024,2048,4096,8192)")
-    nd.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+    nd.add_argument("--depths", type=_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                     help="needle depths, 0 = start, 1 = end (default: 0,0.25,0.5,0.75,1)")
     nd.add_argument("--trials", type=_positive, default=2, help="questions per cell (default: 2)")
-    nd.add_argument("--distractors", type=float, default=0.0, metavar="PER_1K",
+    nd.add_argument("--distractors", type=_rate, default=0.0, metavar="PER_1K",
                     help="other facts per 1,000 tokens (associative recall; default 0: one needle)")
     nd.add_argument("--haystack", metavar="FILE", help="a text file whose sentences are the filler (default: "
                                                        "held-out prose shipped with the demo)")
@@ -163,9 +202,7 @@ def _predictors(model: Any, args: argparse.Namespace, modes: Sequence[str]) -> d
     if chat is True and not getattr(getattr(model, "tokenizer", None), "chat_template", None) \
             and not _engine_has_chat(model):
         raise EvalError("--chat-template on: this model has no chat template", EXIT_USAGE)
-    if "oprm" in modes and args.chunk_tokens is None:
-        raise EvalError("--chunk-tokens none is plain inference: use --mode vanilla, or give OPRM a chunk length",
-                        EXIT_USAGE)
+    _check_modes(args, modes)
     out = {}
     for m in modes:
         try:
@@ -231,23 +268,67 @@ def _resolve_datasets(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _check_modes(args: argparse.Namespace, modes: Sequence[str]) -> None:
+    """What the flags alone contradict, before the model loads (usage errors)."""
+    if "oprm" in modes and args.chunk_tokens is None:
+        raise EvalError("--chunk-tokens none is plain inference: use --mode vanilla, or give OPRM a chunk length",
+                        EXIT_USAGE)
+
+
+class _Run:
+    """The results folder of one command, checked before the model loads.
+
+    ``--out`` is created and written to (a read-only disk or a file fails here, not after
+    the model work); no file it will write may be an input (the data, the haystack); a
+    folder holding another run's settings, or records of another dataset under the same
+    file name, is refused. The settings are saved only once the model has loaded, so a
+    mistyped ``--model`` leaves nothing behind that a corrected rerun would trip on.
+    """
+
+    def __init__(self, args: argparse.Namespace, benchmark: str, key: str, config: dict[str, Any],
+                 datasets: Sequence[str], inputs: Sequence[Path], extra_outputs: Sequence[Path] = (),
+                 summary_name: str | None = None) -> None:
+        from ..user_files import refuse_overwriting_inputs
+        from .runner import ResultStore
+
+        self.store = ResultStore(_out_dir(args, benchmark), create=False)
+        self.key, self.config, self.datasets = key, config, list(datasets)
+        outputs = [*self.store.outputs(datasets), *extra_outputs]
+        if summary_name is not None:
+            from .report import summary_paths
+
+            outputs += list(summary_paths(self.store.dir, summary_name))
+        refuse_overwriting_inputs(outputs, inputs, f"--out {self.store.dir}")
+        self.store.check_config(key, config, save=False, datasets=self.datasets)
+
+    def start(self) -> Any:
+        """The model has loaded: make the folder, record the settings; the store to append to."""
+        self.store.create()
+        self.store.check_config(self.key, self.config, datasets=self.datasets)
+        return self.store
+
+
 def _cmd_longbench(args: argparse.Namespace) -> int:
     from . import datasets as ds
     from .report import longbench_summary
-    from .runner import ResultStore, interleave, iter_modes, run_items, RunStats
+    from .runner import RunStats, interleave, iter_modes, run_items
     from .tasks import longbench_work
 
     names = _resolve_datasets(args.datasets)
     if not args.data:
         raise EvalError(f"--data DIR is required: LongBench's files, as {ds.LONGBENCH_LAYOUT}", EXIT_USAGE)
+    modes = iter_modes(args.mode)
+    _check_modes(args, modes)
     if args.download:
         ds.download_longbench(args.data, names, e=args.longbench_e)
     examples = {n: ds.read_longbench(args.data, n, e=args.longbench_e, limit=args.limit) for n in names}
-    modes = iter_modes(args.mode)
+    inputs = [ds.longbench_file(args.data, n, args.longbench_e) for n in names]
+    prepared = _Run(args, "longbench", "longbench",
+                    _config(args, gen_lengths=args.gen_lengths, longbench_e=args.longbench_e), names, inputs,
+                    summary_name="longbench")
     model = _load_model(args)
     predictors = _predictors(model, args, modes)
-    store = ResultStore(_out_dir(args, "longbench"))
-    store.check_config("longbench", _config(args, gen_lengths=args.gen_lengths, longbench_e=args.longbench_e))
+    store = prepared.start()
     make = longbench_work(predictors, gen_lengths=args.gen_lengths, max_new_tokens=args.max_new_tokens,
                           idk_instruction=not args.no_idk_filter)
     stats = RunStats()
@@ -267,19 +348,21 @@ def _selected(records: list[dict[str, Any]], examples: Sequence[Any]) -> list[di
 def _cmd_v2(args: argparse.Namespace) -> int:
     from . import datasets as ds
     from .report import v2_summary
-    from .runner import ResultStore, RunStats, interleave, iter_modes, run_items
+    from .runner import RunStats, interleave, iter_modes, run_items
     from .tasks import v2_work
 
     if not args.data:
         raise EvalError(f"--data is required: LongBench v2 as {ds.V2_LAYOUT}", EXIT_USAGE)
+    modes = iter_modes(args.mode)
+    _check_modes(args, modes)
     if args.download:
         ds.download_longbench_v2(args.data)
     examples = ds.read_longbench_v2(args.data, limit=args.limit)
-    modes = iter_modes(args.mode)
+    prepared = _Run(args, "longbench-v2", "longbench_v2", _config(args), ["longbench_v2"], ds.v2_files(args.data),
+                    summary_name="longbench_v2")
     model = _load_model(args)
     predictors = _predictors(model, args, modes)
-    store = ResultStore(_out_dir(args, "longbench-v2"))
-    store.check_config("longbench_v2", _config(args))
+    store = prepared.start()
     make = v2_work(predictors, max_new_tokens=args.max_new_tokens, idk_instruction=not args.no_idk_filter)
     stats = run_items(interleave(examples, modes, make), store, max_concurrency=_concurrency(model, args),
                       desc="longbench_v2", stats=RunStats())
@@ -291,42 +374,59 @@ def _cmd_v2(args: argparse.Namespace) -> int:
 def _cmd_custom(args: argparse.Namespace) -> int:
     from . import datasets as ds
     from .report import custom_summary
-    from .runner import ResultStore, RunStats, interleave, iter_modes, run_items
+    from .runner import RunStats, interleave, iter_modes, records_name, run_items
     from .tasks import custom_work
 
     if not args.data:
         raise EvalError("--data FILE.jsonl is required ({context, question, answers} per line)", EXIT_USAGE)
-    examples = ds.read_custom(args.data, limit=args.limit)
-    name = examples[0].dataset
     modes = iter_modes(args.mode)
+    _check_modes(args, modes)
+    data = ds.custom_file(args.data)
+    examples = ds.read_custom(data, limit=args.limit)
+    name = examples[0].dataset
+    summary_name = "custom_" + records_name(name)[:-len(".jsonl")].lstrip("~")
+    prepared = _Run(args, "custom", f"custom:{name}",
+                    _config(args, metric=args.metric, data=str(data.resolve())), [name], [data],
+                    summary_name=summary_name)
     model = _load_model(args)
     predictors = _predictors(model, args, modes)
-    store = ResultStore(_out_dir(args, "custom"))
-    store.check_config(f"custom:{name}", _config(args, metric=args.metric, data=str(Path(args.data).resolve())))
+    store = prepared.start()
     make = custom_work(predictors, metric=args.metric, max_new_tokens=args.max_new_tokens)
     stats = run_items(interleave(examples, modes, make), store, max_concurrency=_concurrency(model, args),
                       desc=name, stats=RunStats())
     summary = custom_summary({name: _selected(store.records(name), examples)}, modes, model=_model_name(args),
                              metric=args.metric, errors=len(stats.errors))
-    return _finish(store, f"custom_{name}", summary, stats)
+    return _finish(store, summary_name, summary, stats)
 
 
 def _cmd_needle(args: argparse.Namespace) -> int:
+    from ..user_files import check_output_file
     from .needle import haystack_sentences, needle_examples, needle_markdown, needle_summary, plot_heatmap
-    from .runner import ResultStore, RunStats, interleave, iter_modes, run_items
+    from .runner import RunStats, interleave, iter_modes, run_items
     from .tasks import needle_work
 
     modes = iter_modes(args.mode)
+    _check_modes(args, modes)
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:  # the heatmap is the sweep's point: say so first
+        raise EvalError("the needle heatmap needs matplotlib: pip install matplotlib (or 'oprm-rag[plot]')")
     sentences = haystack_sentences(args.haystack)
+    haystack = str(Path(args.haystack).resolve()) if args.haystack else None
+    out = _out_dir(args, "needle")
+    heatmap = Path(args.heatmap) if args.heatmap else out / "needle_heatmap.png"
+    prepared = _Run(args, "needle", "needle",
+                    _config(args, seed=args.seed, haystack=haystack, distractors=args.distractors), ["needle"],
+                    [Path(args.haystack)] if args.haystack else [],
+                    extra_outputs=[heatmap, out / "needle_summary.json", out / "needle_summary.md"])
+    check_output_file(heatmap, "--heatmap", create_parent=False)  # before the sweep, not after it
     model = _load_model(args)
     predictors = _predictors(model, args, modes)
     examples = needle_examples(model, args.lengths, args.depths, args.trials, seed=args.seed, sentences=sentences,
                                distractors_per_1k=args.distractors)
     if args.limit:
         examples = examples[:args.limit]
-    store = ResultStore(_out_dir(args, "needle"))
-    haystack = str(Path(args.haystack).resolve()) if args.haystack else None
-    store.check_config("needle", _config(args, seed=args.seed, haystack=haystack, distractors=args.distractors))
+    store = prepared.start()
     make = needle_work(predictors, max_new_tokens=args.max_new_tokens)
     stats = run_items(interleave(examples, modes, make), store, max_concurrency=_concurrency(model, args),
                       desc="needle", stats=RunStats())
@@ -334,21 +434,35 @@ def _cmd_needle(args: argparse.Namespace) -> int:
     summary = needle_summary(_selected(store.records("needle"), examples), modes, args.lengths, args.depths,
                              model=_model_name(args), chunk_tokens=chunk)
     summary["errors"] = len(stats.errors)
-    png = plot_heatmap(summary, args.heatmap or store.dir / "needle_heatmap.png")
+    png = _written(lambda: plot_heatmap(summary, heatmap), heatmap)
     import json
 
-    (store.dir / "needle_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     table = needle_markdown(summary)
-    (store.dir / "needle_summary.md").write_text(table + "\n", encoding="utf-8")
+    _written(lambda: (store.dir / "needle_summary.json").write_text(json.dumps(summary, indent=2) + "\n",
+                                                                   encoding="utf-8"), store.dir)
+    _written(lambda: (store.dir / "needle_summary.md").write_text(table + "\n", encoding="utf-8"), store.dir)
     print(table)
-    print(f"\n{stats.done} answered, {stats.skipped} already recorded; heatmap: {png}; records: {store.dir}")
+    print(f"\n{stats.done} answered, {stats.skipped} already recorded"
+          + (f", {len(stats.errors)} could not be answered (errors.jsonl)" if stats.errors else "")
+          + f"; heatmap: {png}; records: {store.dir}")
     return 0
+
+
+def _written(write: Any, where: Path) -> Any:
+    """Run a write of the results; an OS failure (full disk...) is the user's, in one line."""
+    from ..user_files import os_problem
+
+    try:
+        return write()
+    except OSError as exc:
+        raise os_problem(exc, f"cannot write the results in {where}; the records are kept, rerun to write "
+                              "the summary") from None
 
 
 def _finish(store: Any, name: str, summary: dict[str, Any], stats: Any) -> int:
     from .report import markdown, write_summary
 
-    j, m = write_summary(store.dir, name, summary)
+    j, m = _written(lambda: write_summary(store.dir, name, summary), store.dir)
     print(markdown(summary))
     print(f"\n{stats.done} answered, {stats.skipped} already recorded"
           + (f", {len(stats.errors)} could not be answered (errors.jsonl)" if stats.errors else "")
@@ -364,7 +478,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         logging.getLogger("transformers").setLevel(logging.ERROR)
     commands = {"longbench": _cmd_longbench, "longbench-v2": _cmd_v2, "needle": _cmd_needle, "custom": _cmd_custom}
-    return run_reporting("oprm-rag eval", lambda: commands[args.eval_command](args),
+
+    def work() -> int:
+        try:
+            return commands[args.eval_command](args)
+        except OSError as exc:  # a file or disk problem no check above named: still the user's, in one line
+            from ..user_files import os_problem
+
+            raise os_problem(exc, f"a file could not be read or written ({type(exc).__name__})") from None
+
+    return run_reporting("oprm-rag eval", work,
                          verbose=bool(getattr(args, "verbose", False)),
                          interrupted="what was answered is saved: rerun the same command to resume")
 

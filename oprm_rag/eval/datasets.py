@@ -27,7 +27,7 @@ from typing import Any, Iterator
 from ..errors import InputError
 
 __all__ = ["Example", "read_longbench", "read_longbench_v2", "read_custom", "download_longbench",
-           "download_longbench_v2", "LONGBENCH_LAYOUT", "V2_LAYOUT", "longbench_file"]
+           "download_longbench_v2", "LONGBENCH_LAYOUT", "V2_LAYOUT", "longbench_file", "custom_file", "v2_files"]
 
 LONGBENCH_LAYOUT = ("DIR/qasper.jsonl, DIR/hotpotqa.jsonl, ... (or DIR/data/NAME.jsonl: the layout of LongBench's "
                     "data.zip; NAME_e.jsonl for LongBench-E), one JSON object per line with input, context, answers, "
@@ -57,21 +57,41 @@ class Example:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a JSONL file, one a line; any problem with the file is the
+    user's (InputError, with the line): not UTF-8, not JSON, nested absurdly deep."""
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
     with handle:
-        for number, line in enumerate(handle, 1):
+        for number, raw in enumerate(_read_lines(handle, path), 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}:{number}: not UTF-8 text (byte {exc.start + 1} of the line); save the "
+                                 "file as UTF-8") from None
             if not line.strip():
                 continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            item = _parse_json(line, f"{path}:{number}")
             if not isinstance(item, dict):
                 raise InputError(f"{path}:{number}: each line must be a JSON object")
             yield number, item
+
+
+def _read_lines(handle: Any, path: Path) -> Iterator[bytes]:
+    try:
+        yield from handle
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise InputError(f"{where}: the JSON is nested too deeply to be a benchmark item") from None
 
 
 def _answers(value: Any, where: str) -> list[str]:
@@ -130,9 +150,12 @@ def _check_unique(examples: list[Example], path: Path) -> None:
 def _v2_items(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read {path} as JSON: {exc}") from None
+            text = path.read_text(encoding="utf-8-sig")
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
+        data = _parse_json(text, str(path))
         if not isinstance(data, list):
             raise InputError(f"{path}: LongBench v2's data.json is a JSON list of items")
         for i, item in enumerate(data):
@@ -144,7 +167,8 @@ def _v2_items(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield f"{path}:{number}", item
 
 
-def _v2_files(data: str | Path) -> list[Path]:
+def v2_files(data: str | Path) -> list[Path]:
+    """The LongBench v2 files ``--data`` names (see :data:`V2_LAYOUT`)."""
     root = Path(data)
     if root.is_file():
         return [root]
@@ -161,7 +185,7 @@ def _v2_files(data: str | Path) -> list[Path]:
 def read_longbench_v2(data: str | Path, *, limit: int | None = None) -> list[Example]:
     """LongBench v2's multiple-choice items (``answer`` is the letter A-D)."""
     out: list[Example] = []
-    for path in _v2_files(data):
+    for path in v2_files(data):
         for where, item in _v2_items(path):
             missing = [k for k in _V2_FIELDS if k not in item]
             if missing:
@@ -183,8 +207,8 @@ def read_longbench_v2(data: str | Path, *, limit: int | None = None) -> list[Exa
     return out
 
 
-def read_custom(path: str | Path, *, limit: int | None = None, name: str | None = None) -> list[Example]:
-    """Your own documents: JSONL of ``{"context", "question", "answers"}`` (``_id`` optional)."""
+def custom_file(path: str | Path) -> Path:
+    """The custom JSONL file ``--data`` names (a folder holding exactly one ``.jsonl`` file names it)."""
     p = Path(path)
     if p.is_dir():
         files = sorted(p.glob("*.jsonl"))
@@ -194,6 +218,12 @@ def read_custom(path: str | Path, *, limit: int | None = None, name: str | None 
     if not p.is_file():
         raise InputError(f"--data {p}: no such file. The custom format is JSONL with one "
                          '{"context": ..., "question": ..., "answers": [...]} object per line')
+    return p
+
+
+def read_custom(path: str | Path, *, limit: int | None = None, name: str | None = None) -> list[Example]:
+    """Your own documents: JSONL of ``{"context", "question", "answers"}`` (``_id`` optional)."""
+    p = custom_file(path)
     dataset = name or p.stem
     out: list[Example] = []
     for number, item in _lines(p):

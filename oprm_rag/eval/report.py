@@ -19,7 +19,7 @@ from .metrics import CATEGORIES, mean_percent, v2_accuracy
 from .prompts import PAPER_DATASETS
 
 __all__ = ["paper_results", "paper_entry", "paired", "longbench_summary", "v2_summary", "custom_summary",
-           "markdown", "write_summary", "LENGTH_BUCKETS"]
+           "markdown", "write_summary", "summary_paths", "LENGTH_BUCKETS"]
 
 _PAPER_FILE = Path(__file__).parent / "data" / "paper_results.json"
 
@@ -218,10 +218,15 @@ def markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summary_paths(out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """Where :func:`write_summary` writes: ``OUT/<name>_summary.json`` and ``.md``."""
+    out = Path(out_dir)
+    return out / f"{name}_summary.json", out / f"{name}_summary.md"
+
+
 def write_summary(out_dir: str | Path, name: str, summary: Mapping[str, Any]) -> tuple[Path, Path]:
     """``OUT/<name>_summary.json`` and ``OUT/<name>_summary.md``."""
-    out = Path(out_dir)
-    j, m = out / f"{name}_summary.json", out / f"{name}_summary.md"
+    j, m = summary_paths(out_dir, name)
     j.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     m.write_text(markdown(summary) + "\n", encoding="utf-8")
     return j, m

@@ -243,61 +243,133 @@ class Predictor:
 
 
 # ---------------------------------------------------------------------- records
-class ResultStore:
-    """Per-dataset JSONL files of records under one folder, appended one record at a time."""
+#: Files of the store itself: no dataset's records file may take one of these names.
+ERRORS_FILE, SETTINGS_FILE = "errors.jsonl", "run.json"
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyz" "ABCDEFGHIJKLMNOPQRSTUVWXYZ" "0123456789" "-_.")
+_FILES_KEY = "_files"  # run.json: which dataset owns which records file
 
-    def __init__(self, out_dir: str | Path) -> None:
-        self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+
+def records_name(dataset: str) -> str:
+    """The records file's name for ``dataset``: one name per dataset and one dataset per
+    name (injective), so two datasets never share a file.
+
+    Letters, digits, ``-``, ``_`` and ``.`` stay as they are (``qasper`` -> ``qasper.jsonl``);
+    every other character becomes ``~`` and its UTF-8 bytes in hex (``my data`` ->
+    ``my~20data.jsonl``, never ``my_data.jsonl``); a name that would be one of the store's
+    own files (``errors``) or hidden (``.x``) gets a leading ``~``, which escaping never
+    produces. The mapping is case-sensitive; :meth:`ResultStore.claim` refuses two
+    datasets whose names differ only in case (one file on macOS and Windows)."""
+    out = "".join(ch if ch in _SAFE else "".join(f"~{b:02x}" for b in ch.encode("utf-8")) for ch in dataset)
+    if not out or out.startswith(".") or f"{out}.jsonl".lower() in (ERRORS_FILE, SETTINGS_FILE):
+        out = "~" + out
+    return f"{out}.jsonl"
+
+
+def _valid_record(value: Any) -> bool:
+    return (isinstance(value, dict) and "_id" in value and isinstance(value.get("mode"), str)
+            and isinstance(value.get("score"), (int, float)) and not isinstance(value.get("score"), bool))
+
+
+class ResultStore:
+    """Per-dataset JSONL files of records under one folder, appended one record at a time.
+
+    Every failure to read or write the folder is the user's problem, said in one line
+    (:class:`~oprm_rag.errors.InputError`): ``--out`` that is a file, a read-only or full
+    disk. A damaged records file (a crash mid-write, an edit) never stops a resume: lines
+    that are not records are moved to ``NAME.jsonl.damaged`` and the rest is kept.
+    """
+
+    def __init__(self, out_dir: str | Path, *, create: bool = True) -> None:
+        from ..user_files import check_output_dir
+
+        self.dir = check_output_dir(out_dir, "--out", create=create)  # create=False: checked, made by create()
         self._lock = threading.Lock()
 
+    def create(self) -> None:
+        """Make the folder (a store opened with ``create=False``, once the work starts)."""
+        from ..user_files import check_output_dir
+
+        check_output_dir(self.dir, "--out")
+
     def path(self, dataset: str) -> Path:
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in dataset)
-        return self.dir / f"{safe}.jsonl"
+        return self.dir / records_name(dataset)
+
+    def outputs(self, datasets: Iterable[str]) -> list[Path]:
+        """Every file the store writes for ``datasets`` (to check against the inputs)."""
+        paths = [self.dir / ERRORS_FILE, self.dir / SETTINGS_FILE]
+        for d in datasets:
+            p = self.path(d)
+            paths += [p, p.with_name(p.name + ".damaged")]
+        return paths
+
+    def _write_problem(self, exc: OSError, path: Path) -> InputError:
+        from ..user_files import os_problem
+
+        return os_problem(exc, f"cannot write the results in {path}; what was recorded before is kept")
 
     def _repair(self, path: Path) -> None:
-        """Cut a half-written last line (an interrupted write) so appends stay line-aligned."""
+        """Make ``path`` whole records, one a line, before anything is appended: a
+        half-written last line (an interrupted write) is cut; a line that is not a record
+        (unparsable, or not an object with ``_id``, ``mode`` and ``score``) is moved to
+        ``NAME.jsonl.damaged`` (kept for the user to look at; a rerun answers it again)."""
         if not path.is_file():
             return
-        with path.open("rb+") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            if size == 0:
-                return
-            fh.seek(size - 1)
-            if fh.read(1) == b"\n":
-                return
-            block = min(size, 1 << 16)
-            end = size
-            while end > 0:  # find the last newline, reading backwards
-                start = max(0, end - block)
-                fh.seek(start)
-                chunk = fh.read(end - start)
-                at = chunk.rfind(b"\n")
-                if at >= 0:
-                    fh.truncate(start + at + 1)
-                    logger.warning("%s: dropped a half-written last record (interrupted run)", path)
-                    return
-                end = start
-            fh.truncate(0)
-
-    def records(self, dataset: str) -> list[dict[str, Any]]:
-        """Every complete record of ``dataset`` (a broken last line is ignored)."""
-        path = self.path(dataset)
-        if not path.is_file():
-            return []
-        out = []
-        lines = path.read_text(encoding="utf-8").split("\n")
-        for i, line in enumerate(lines):
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise self._write_problem(exc, path) from None
+        lines = data.split(b"\n")
+        cut = b""
+        if lines and lines[-1] != b"":  # no newline at the end: an interrupted write
+            cut = lines.pop()
+        keep, bad = [], []
+        for line in lines:
             if not line.strip():
                 continue
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i >= len(lines) - 2:  # only the last line may be cut
-                    continue
-                raise InputError(f"{path}: line {i + 1} is not valid JSON; the results file is damaged (delete it "
-                                 "to rerun that dataset)") from None
+                ok = _valid_record(json.loads(line.decode("utf-8")))
+            except (ValueError, RecursionError):  # JSON, UTF-8 (both ValueErrors) or absurd nesting
+                ok = False
+            (keep if ok else bad).append(line)
+        if not bad and not cut:
+            return
+        try:
+            if bad:
+                with path.with_name(path.name + ".damaged").open("ab") as fh:
+                    fh.write(b"".join(line + b"\n" for line in bad))
+            from ..user_files import replace_atomically
+
+            with replace_atomically(path, "cannot repair the results file") as tmp:
+                tmp.write_bytes(b"".join(line + b"\n" for line in keep))
+        except OSError as exc:
+            raise self._write_problem(exc, path) from None
+        if cut:
+            logger.warning("%s: dropped a half-written last record (interrupted run)", path)
+        if bad:
+            logger.warning("%s: %d line(s) were not records; moved to %s.damaged (they are answered again)",
+                           path, len(bad), path.name)
+
+    def records(self, dataset: str) -> list[dict[str, Any]]:
+        """Every complete record of ``dataset`` (lines that are not records are skipped)."""
+        path = self.path(dataset)
+        if not path.is_file():
+            return []
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            from ..user_files import os_problem
+
+            raise os_problem(exc, f"cannot read the results file {path}") from None
+        out = []
+        for line in data.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.decode("utf-8"))
+            except (ValueError, RecursionError):
+                continue
+            if _valid_record(value):
+                out.append(value)
         return out
 
     def done(self, dataset: str) -> set[tuple[str, str]]:
@@ -307,37 +379,74 @@ class ResultStore:
     def open_for_append(self, dataset: str) -> None:
         self._repair(self.path(dataset))
 
-    def append(self, record: Mapping[str, Any]) -> None:
+    def _append_line(self, path: Path, record: Mapping[str, Any], sync: bool) -> None:
         line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
-        with self._lock, self.path(str(record["dataset"])).open("a", encoding="utf-8") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with self._lock, path.open("a", encoding="utf-8") as fh:
+                fh.write(line)
+                fh.flush()
+                if sync:
+                    os.fsync(fh.fileno())
+        except OSError as exc:
+            raise self._write_problem(exc, path) from None
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        self._append_line(self.path(str(record["dataset"])), record, sync=True)
 
     def error(self, record: Mapping[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
-        with self._lock, (self.dir / "errors.jsonl").open("a", encoding="utf-8") as fh:
-            fh.write(line)
+        self._append_line(self.dir / ERRORS_FILE, record, sync=False)
 
     # -- the run's settings
-    def check_config(self, benchmark: str, config: Mapping[str, Any]) -> None:
-        """Record the run's settings; refuse to resume a folder made with other settings."""
-        path = self.dir / "run.json"
-        data: dict[str, Any] = {}
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                raise InputError(f"{path} is damaged; delete it (and the results) or use another --out") from None
+    def _settings(self) -> dict[str, Any]:
+        path = self.dir / SETTINGS_FILE
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            from ..user_files import os_problem
+
+            raise os_problem(exc, f"cannot read {path}") from None
+        except (ValueError, RecursionError):
+            data = None
+        if not isinstance(data, dict):
+            raise InputError(f"{path} is damaged (not the JSON object this command writes); delete it (and the "
+                             "results) or use another --out")
+        return data
+
+    def check_config(self, benchmark: str, config: Mapping[str, Any], *, save: bool = True,
+                     datasets: Iterable[str] = ()) -> None:
+        """Refuse to resume a folder made with other settings, or whose records files belong
+        to other datasets; with ``save``, record the run's settings (``run.json``)."""
+        path = self.dir / SETTINGS_FILE
+        data = self._settings()
         old = data.get(benchmark)
         new = json.loads(json.dumps(dict(config), default=str))
         if old is not None and old != new:
+            if not isinstance(old, dict):
+                old = {}
             diff = ", ".join(f"{k}: {old.get(k)!r} before, {new.get(k)!r} now"
                              for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
             raise InputError(f"{self.dir} holds {benchmark} results of a run with other settings ({diff}); "
                              "use another --out, or delete that folder to start over")
+        files = data.get(_FILES_KEY) if isinstance(data.get(_FILES_KEY), dict) else {}
+        owners = {str(name).lower(): owner for name, owner in files.items()}
+        for d in datasets:
+            name = records_name(d)
+            owner = owners.get(name.lower())
+            if owner is not None and owner != d:
+                raise InputError(f"{self.dir}: the records file {name} holds the results of {owner!r}, not of {d!r} "
+                                 "(their names differ only in case or escaping); use another --out for this one")
+            files[name] = owners[name.lower()] = d
+        if not save:
+            return
         data[benchmark] = new
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if files:
+            data[_FILES_KEY] = files
+        from ..user_files import replace_atomically
+
+        with replace_atomically(path, "cannot write the run's settings") as tmp:  # never half a run.json
+            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------- the loop

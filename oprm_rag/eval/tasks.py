@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..decoding.config import GenerationConfig
 from ..errors import InputError
 from . import metrics
 from .datasets import Example
@@ -27,13 +28,19 @@ def _record(ex: Example, mode: Mode, pred: Prediction, score: float, **extra: An
 
 def _guard(fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
     """An example the model cannot take (question longer than a chunk...) is the example's
-    problem, not the run's: report it as an InputError so the runner logs it and goes on."""
+    problem, not the run's: report it as an InputError so the runner logs it and goes on.
+
+    The same holds for a served model: a prompt longer than the server's context
+    (:class:`~oprm_rag.served.errors.ContextOverflowError`) is one example's, exactly as
+    in process; every other server failure (down, timeouts) still stops the run."""
+    from ..served.errors import ContextOverflowError
+
     def run() -> dict[str, Any]:
         try:
             return fn()
         except InputError:
             raise
-        except ValueError as exc:  # the selector's checks on one example's input
+        except (ValueError, ContextOverflowError) as exc:  # one example's input, in process or served
             raise InputError(str(exc)) from exc
     return run
 
@@ -92,7 +99,8 @@ CUSTOM_METRICS: dict[str, metrics.Metric] = {
 }
 
 
-def custom_work(predictors: dict[Mode, Predictor], *, metric: str = "f1", max_new_tokens: int = 64
+def custom_work(predictors: dict[Mode, Predictor], *, metric: str = "f1",
+                max_new_tokens: int = GenerationConfig.max_new_tokens
                 ) -> Callable[[Example, Mode], Callable[[], dict[str, Any]]]:
     """``make(example, mode)`` for ``{context, question, answers}`` data, with the model's own prompt."""
     if metric not in CUSTOM_METRICS:
