@@ -24,15 +24,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 from ..engine import FirstTokens
 
-__all__ = ["TopLogprobs", "EntropyEstimate", "estimate_entropy", "first_tokens_from_top", "ZERO_LOGPROB"]
+__all__ = ["TopLogprobs", "EntropyEstimate", "estimate_entropy", "first_tokens_from_top", "impossible_logprobs", "ids_of_pieces",
+           "ZERO_LOGPROB", "LOGPROB_TOLERANCE", "MASS_TOLERANCE"]
 
 #: Log-probabilities at or below this are probability 0 (llama.cpp sends the lowest float
 #: instead of -inf, which JSON cannot carry).
 ZERO_LOGPROB = -1e30
+
+#: A log-probability above this is a probability above 1: impossible, not rounding
+#: (float32 log-softmax puts the top token at most ~1e-7 above 0).
+LOGPROB_TOLERANCE = 1e-4
+#: Returned probabilities summing above 1 + this are impossible (llama.cpp's float32
+#: softmax over the whole vocabulary sums to 1 +- 2e-5).
+MASS_TOLERANCE = 1e-3
 
 Tail = Literal["low", "mid", "high"]
 
@@ -60,6 +68,49 @@ class EntropyEstimate:
     high: float
     exact: bool
     missing_mass: float
+
+
+def impossible_logprobs(top: TopLogprobs, vocab_size: int | None = None) -> str | None:
+    """Why ``top`` cannot be a next-token distribution's top list, or None if it can.
+
+    Checked: every value is a number that is not +inf or NaN; none is above 0 (beyond
+    :data:`LOGPROB_TOLERANCE`); the probabilities sum to at most 1 (+ :data:`MASS_TOLERANCE`);
+    ids, where given, are whole numbers in ``[0, vocab_size)``, one value each, and no id
+    comes twice; no more entries than the vocabulary has. A row that fails is refused:
+    clamping a positive log-probability to p = 1 or renormalising excess mass would hand
+    a broken score the lowest entropy of all.
+    """
+    values = top.logprobs
+    for x in values:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x) or x == math.inf:
+            return f"a log-probability of {x!r} (not a probability)"
+    if not values:
+        return None
+    worst = max(values)
+    if worst > LOGPROB_TOLERANCE:
+        return f"a log-probability of {worst:+.6g} (a probability of {math.exp(min(worst, 700.0)):.6g}, above 1)"
+    mass = math.fsum(math.exp(x) for x in values if x > ZERO_LOGPROB)
+    if mass > 1.0 + MASS_TOLERANCE:
+        return f"probabilities that sum to {mass:.6g} over {len(values)} tokens (more than 1)"
+    if vocab_size is not None and len(values) > vocab_size:
+        return f"{len(values)} tokens in one top list of a {vocab_size}-token vocabulary"
+    ids = top.ids
+    if ids is None:
+        return None
+    if len(ids) != len(values):
+        return f"{len(ids)} token ids for {len(values)} log-probabilities"
+    seen: set[int] = set()
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int):
+            return f"a token id of {i!r} (not a whole number)"
+        if i < 0:
+            return f"a negative token id ({i})"
+        if vocab_size is not None and i >= vocab_size:
+            return f"token id {i}, outside the {vocab_size}-token vocabulary"
+        if i in seen:
+            return f"token id {i} twice in one top list"
+        seen.add(i)
+    return None
 
 
 def _h(p: float) -> float:
@@ -110,14 +161,22 @@ def estimate_entropy(logprobs: Sequence[float], vocab_size: int | None, *, tail:
 
 
 def first_tokens_from_top(rows: Sequence[TopLogprobs], ids: Sequence[Sequence[int]], idk_ids: Iterable[int],
-                          vocab_size: int | None, *, tail: Tail = "mid") -> FirstTokens:
+                          vocab_size: int | None, *, tail: Tail = "mid", where: str = "the server") -> FirstTokens:
     """The selector's summary of each row: entropy (estimate and bounds), top token, its
     probability and the IDK mass. ``ids[r]`` are row ``r``'s token ids in the engine's id
     space (the server's own, or ids the engine assigned to pieces).
 
     The IDK mass counts only IDK tokens that came back (a lower bound when truncated);
     the IDK filter itself works on the top token, which always comes back.
+
+    Raises :class:`~oprm_rag.served.errors.ImpossibleLogprobsError` (naming ``where``)
+    for a row no distribution can have (:func:`impossible_logprobs`): it is refused, never
+    ranked.
     """
+    for r, row in enumerate(rows):
+        problem = impossible_logprobs(row, vocab_size)
+        if problem is not None:
+            raise _impossible(where, problem, r, len(rows))
     idk = set(int(i) for i in idk_ids)
     entropy, top_id, top_prob, idk_prob, finite, bounds = [], [], [], [], [], []
     exact_all = True
@@ -145,3 +204,32 @@ def first_tokens_from_top(rows: Sequence[TopLogprobs], ids: Sequence[Sequence[in
         bounds.append((est.low, est.high))
     return FirstTokens(entropy=entropy, top_id=top_id, top_prob=top_prob, idk_prob=idk_prob, finite=finite,
                        exact=exact_all, entropy_bounds=None if exact_all else bounds)
+
+
+def ids_of_pieces(pieces: Sequence[str], tokenizer: Any, where: str) -> list[int]:
+    """The model's ids of tokens a server named by text only, through the local tokenizer
+    (``tokenizer=`` says the model's ids are known here). A piece that is not exactly one
+    of the tokenizer's tokens, or two pieces that are the same token, mean the server's
+    tokens are not this tokenizer's: :class:`~oprm_rag.served.errors.ImpossibleLogprobsError`,
+    never an id made up for it."""
+    encoded = tokenizer(list(pieces), add_special_tokens=False)["input_ids"] if pieces else []
+    out: list[int] = []
+    for piece, ids in zip(pieces, encoded):
+        if len(ids) != 1:
+            raise _impossible(where, f"the token text {piece!r}, which the local tokenizer (tokenizer=) makes "
+                                     f"{len(ids)} tokens, not one: the server's tokens are not this tokenizer's "
+                                     "(pass the served model's own tokenizer, or none)")
+        out.append(int(ids[0]))
+    if len(set(out)) != len(out):
+        twice = next(i for i in out if out.count(i) > 1)
+        raise _impossible(where, f"two token texts that the local tokenizer maps to the same token ({twice})")
+    return out
+
+
+def _impossible(where: str, problem: str, row: int | None = None, rows: int = 1) -> Exception:
+    from .errors import ImpossibleLogprobsError
+
+    which = f" for row {row + 1} of {rows}" if row is not None and rows > 1 else ""
+    return ImpossibleLogprobsError(
+        f"{where} returned impossible log-probabilities{which}: {problem}. A broken server or proxy; the chunk "
+        "cannot be scored, so nothing was selected (check the server's build and flags, or what sits between)")

@@ -12,7 +12,8 @@ from __future__ import annotations
 from ..errors import ServerError
 
 __all__ = ["ServerError", "ServerUnavailableError", "ModelNotFoundError", "NoLogprobsError",
-           "TokenIdsRejectedError", "ContextOverflowError", "ServerTimeoutError", "ServerResponseError"]
+           "TokenIdsRejectedError", "ContextOverflowError", "ServerTimeoutError", "ServerResponseError",
+           "ImpossibleLogprobsError", "IncompleteAnswerError"]
 
 
 class ServerUnavailableError(ServerError):
@@ -36,7 +37,8 @@ class ContextOverflowError(ServerError):
 
 
 class ServerTimeoutError(ServerError):
-    """A request got no answer in time (after retries), part-way through a batch."""
+    """A request did not finish within ``timeout`` seconds: the whole request (streams
+    included, retries included), not each read."""
 
 
 class ServerResponseError(ServerError):
@@ -44,3 +46,18 @@ class ServerResponseError(ServerError):
     OPRM cannot read (``status_code`` None)."""
 
     status_code: int | None = None
+
+
+class ImpossibleLogprobsError(ServerResponseError):
+    """The server returned log-probabilities no distribution can have (a positive
+    log-probability, mass above 1, a token twice in one top list, an id outside the
+    vocabulary, a token text the model's tokenizer cannot map): the row cannot be scored,
+    and a broken score must never win a selection."""
+
+
+class IncompleteAnswerError(ServerResponseError):
+    """A completion (usually a stream) ended without the server saying why it stopped (no
+    finish reason): the answer may be cut off, so it is not passed off as complete.
+    ``partial_text`` holds what had arrived."""
+
+    partial_text: str = ""

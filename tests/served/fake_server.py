@@ -141,6 +141,8 @@ class FakeServer:
                                                                 f"greater than max allowed: {b.max_logprobs}",
                                   "type": "BadRequestError", "code": 400})
                     return
+            if k < 0:  # vLLM: logprobs=-1 is the whole vocabulary
+                k = b.vocab
             p = distribution(prompt, b.vocab)
             order = np.argsort(-p)[:k]
             top = int(order[0]) if k else int(np.argmax(p))

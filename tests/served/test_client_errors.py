@@ -87,7 +87,7 @@ def test_token_ids_rejected_fails_clearly_or_falls_back_to_text() -> None:
 
 def test_context_overflow_names_the_fix() -> None:
     with FakeServer(Behaviour(context=100)) as srv:
-        with pytest.raises(ContextOverflowError, match="does not fit its context.*smaller chunk_tokens"):
+        with pytest.raises(ContextOverflowError, match="smaller chunk_tokens"):
             OPRMSelector(_engine(srv), chunk_tokens=90).select("What is the code of key3?", DOC)
 
 
@@ -163,7 +163,7 @@ async def test_async_scoring_is_bounded_and_matches() -> None:
             p = distribution(prompt, 3072)
             assert s.top.ids[0] == int(np.argmax(p))
             assert s.top.logprobs[0] == pytest.approx(math.log(p.max()), abs=1e-9)
-        pieces = [x async for x in client.astream([1, 2], oprm_rag.generation.GenerationConfig(max_new_tokens=3))]
+        pieces = [x async for x in client.astream([1, 2], oprm_rag.decoding.config.GenerationConfig(max_new_tokens=3))]
         assert "".join(pieces) == "w0 w1 w2 "
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from oprm_rag.served.entropy import ZERO_LOGPROB, TopLogprobs, estimate_entropy, first_tokens_from_top
+from oprm_rag.served.errors import ImpossibleLogprobsError
 
 
 def _entropy(p: np.ndarray) -> float:
@@ -95,13 +96,14 @@ def test_nonfinite_rows_are_flagged_and_never_exact() -> None:
     for bad in ([float("nan"), -1.0], [math.inf], []):
         est = estimate_entropy(bad, 10)
         assert math.isnan(est.entropy)
-    rows = [TopLogprobs([3, 4], ["a", "b"], [math.log(0.6), math.log(0.4)]),
-            TopLogprobs([1, 2], ["c", "d"], [float("nan"), -1.0])]
-    ft = first_tokens_from_top(rows, [[3, 4], [1, 2]], {4}, 2)
-    assert ft.finite == [True, False]
-    assert math.isnan(ft.entropy[1]) and ft.top_id[1] == -1
-    assert ft.exact  # the broken row does not make the others inexact
+    rows = [TopLogprobs([0, 1], ["a", "b"], [math.log(0.6), math.log(0.4)])]
+    ft = first_tokens_from_top(rows, [[0, 1]], {1}, 2)
+    assert ft.finite == [True] and ft.exact
     assert ft.entropy[0] == pytest.approx(-(0.6 * math.log(0.6) + 0.4 * math.log(0.4)))
+    # a NaN from a server is not a probability: the row is refused, never ranked
+    with pytest.raises(ImpossibleLogprobsError, match="row 2 of 2: a log-probability of nan"):
+        first_tokens_from_top(rows + [TopLogprobs([0, 1], ["c", "d"], [float("nan"), -1.0])], [[0, 1], [0, 1]],
+                              {1}, 2)
 
 
 def test_row_summary_top_token_idk_mass_and_bounds() -> None:
@@ -114,6 +116,6 @@ def test_row_summary_top_token_idk_mass_and_bounds() -> None:
     low, high = ft.row_bounds(0)
     assert low <= ft.entropy[0] <= high and high > low
     # llama.cpp sends the lowest float for probability 0
-    zero = [TopLogprobs([1, 2], ["a", "b"], [0.0, -3.4e38])]
-    ft0 = first_tokens_from_top(zero, [[1, 2]], set(), 2)
+    zero = [TopLogprobs([0, 1], ["a", "b"], [0.0, -3.4e38])]
+    ft0 = first_tokens_from_top(zero, [[0, 1]], set(), 2)
     assert ft0.exact and ft0.entropy[0] == pytest.approx(0.0) and ft0.top_prob[0] == pytest.approx(1.0)
