@@ -294,6 +294,12 @@ def load_model_and_tokenizer(
         raise ModelLoadError(f"device_map={hf_kwargs['device_map']!r} needs the accelerate package: "
                              f"pip install 'oprm-rag[{ACCELERATE_EXTRA}]' (or pass device= instead)")
     local = Path(name).expanduser()
+    from .rwkv_loading import is_native_rwkv, load_native  # RWKV-6/7: BlinkDL .pth files and HF folders
+
+    if is_native_rwkv(local):
+        native = load_native(local, dtype=_resolve_dtype(dtype), device=device, trust_remote_code=trust_remote_code)
+        if native is not None:
+            return native
     if local.is_dir():
         name = str(local)
         check_model_folder(local)

@@ -19,8 +19,11 @@ def backend_classes() -> list[type[Backend]]:
     from .recurrent_gemma import RecurrentGemmaBackend
     from .replay import ReplayBackend
     from .rwkv import RwkvBackend
+    from .rwkv6 import Rwkv6Backend
+    from .rwkv7 import Rwkv7Backend
 
-    return [MambaBackend, Mamba2Backend, RwkvBackend, RecurrentGemmaBackend, ReplayBackend]
+    return [MambaBackend, Mamba2Backend, RwkvBackend, Rwkv6Backend, Rwkv7Backend, RecurrentGemmaBackend,
+            ReplayBackend]
 
 
 def backend_for(model: Any, kernels: str = "auto", mitigation: "CollapseMitigation | None" = None) -> Backend:
