@@ -150,3 +150,12 @@ def test_exactness_quick(tmp_path):
     assert {"MambaForCausalLM", "FalconMambaForCausalLM", "Mamba2ForCausalLM", "RwkvForCausalLM",
             "RecurrentGemmaForCausalLM"} <= families
     assert data["worst"] < 1e-4
+
+
+def test_rwkv67_follow_up_quick(tmp_path):
+    data = _run("rwkv67_follow_up", tmp_path)
+    assert [r["family"] for r in data["families"]] == ["rwkv6", "rwkv7"]
+    for row in data["families"]:
+        assert row["same_answer_as_uncached"] is True and row["cached_chunks"] == row["chunks"]
+        assert row["follow_up_embedded_fraction_of_doc"] < 0.5  # the document is not embedded again
+        assert _finite(row["speedup_vs_first"], row["speedup_vs_uncached"], row["state_bytes_per_chunk"])
