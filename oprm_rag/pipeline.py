@@ -27,7 +27,7 @@ from .engine import Engine, Extension
 from .memory import release_free_memory
 from .errors import InputError, NonFiniteScoresError, StateFormatError
 from .results import Chunk, ChunkScore, SelectionResult, Usage
-from .scoring import CandidatePool, drop_reason
+from .scoring import CandidatePool, confirm_idk, drop_reason
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cache import DocumentStateCache
@@ -358,6 +358,7 @@ class ScoringRun:
             q_rows = [q.ids for q, _, _ in sel]
             ext = engine.extend(st, q_rows, logits="all" if self.need_logits else "last")
             first = engine.first_tokens(ext, self.idk_ids)
+            idk = confirm_idk(engine, ext, first, self.idk_ids)  # an IDK word of several tokens: spelled out
             qlp = None
             if self.need_logits:
                 if end_logits is None:
@@ -370,7 +371,7 @@ class ScoringRun:
                 q.nominal += full
                 q.tokens += len(q.ids) if engine.stores_states else full
                 q.exact = q.exact and first.exact
-                score = self._score(first, j, c.at(pos), qlp[j] if qlp is not None else None, q)
+                score = self._score(first, j, c.at(pos), qlp[j] if qlp is not None else None, q, idk[j])
                 q.scores.append(score)
                 # States are copied out of the batch only for a candidate the pool keeps.
                 q.pool.offer(score, pos * 1e9 + c.token_start,
@@ -380,13 +381,13 @@ class ScoringRun:
                 scored.append(ScoredRow(q, score, engine, ext, j))
         return scored
 
-    def _score(self, first: Any, j: int, chunk: Chunk, qlp: float | None, q: Question) -> ChunkScore:
+    def _score(self, first: Any, j: int, chunk: Chunk, qlp: float | None, q: Question, is_idk: bool) -> ChunkScore:
         tid = int(first.top_id[j])
         finite = bool(first.finite[j])
         score = ChunkScore(
             chunk=chunk, entropy=float(first.entropy[j]), top_token_id=tid,
             top_token=self._token(tid) if finite else "", top_prob=float(first.top_prob[j]),
-            is_idk=finite and tid in self.idk_ids, idk_prob=float(first.idk_prob[j]), finite=finite,
+            is_idk=finite and is_idk, idk_prob=float(first.idk_prob[j]), finite=finite,
             criterion=self.options.criterion, question_logprob=qlp,
             entropy_bounds=None if first.entropy_bounds is None else tuple(first.entropy_bounds[j]),
             input_ids=(self.prefix_ids + chunk.ids + q.ids) if self.return_inputs else None)
