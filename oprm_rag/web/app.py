@@ -26,7 +26,6 @@ Run it with ``oprm-rag serve`` or ``python -m oprm_rag.web`` (see ``main``).
 from __future__ import annotations
 
 import argparse
-import hmac
 import ipaddress
 import json
 import logging
@@ -39,7 +38,7 @@ from typing import Any, AsyncIterator, Sequence
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
@@ -52,6 +51,7 @@ from ..cli_args import (CLIError, add_model_args, add_selector_args, engine_from
                         selector_options_from_args)
 from ..errors import DocumentError, InputError, ModelLoadError
 from ..options import SelectorOptions
+from .access import check_token, cookie_matches, cookie_value, install_redaction, query_matches, token_matches
 from .documents import DocumentStore, clean_name, read_upload
 from .service import Event, SelectorService, ask_events
 
@@ -134,6 +134,8 @@ def create_app(model: Any = None, *, settings: WebSettings | None = None,
 
         model = DEMO_MODEL
     cfg = settings or WebSettings()
+    if cfg.token is not None:
+        check_token(cfg.token)  # one no client can send would lock everyone out: refuse it now
     service = SelectorService(model, SelectorOptions.build(options, **option_kwargs), load_options,
                               max_concurrent=cfg.max_concurrent_asks)
     store = DocumentStore(cfg.max_documents, cfg.max_total_chars)
@@ -159,12 +161,15 @@ def create_app(model: Any = None, *, settings: WebSettings | None = None,
 
     # ------------------------------------------------------------------ pages
     @app.get("/", include_in_schema=False, response_model=None)
-    async def index(request: Request) -> FileResponse | PlainTextResponse:
-        page = FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+    async def index(request: Request) -> FileResponse | PlainTextResponse | RedirectResponse:
         query = request.query_params.get("token")
-        if cfg.token is not None and query is not None and _same(query, cfg.token):
-            page.set_cookie(_COOKIE, cfg.token, httponly=True, samesite="strict")
-        return page
+        if cfg.token is not None and query is not None and query_matches(query, cfg.token):
+            # the cookie holds a digest, not the token; the redirect takes the token out of the
+            # address bar, the history and any Referer
+            back = RedirectResponse("/", status_code=303)
+            back.set_cookie(_COOKIE, cookie_value(cfg.token), httponly=True, samesite="strict")
+            return back
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -220,10 +225,6 @@ def create_app(model: Any = None, *, settings: WebSettings | None = None,
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     return app
-
-
-def _same(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8"))
 
 
 def _check_unicode(text: str, what: str) -> None:
@@ -308,8 +309,12 @@ class _Guard:
         if cfg.token is None or path.startswith("/static/") or path == "/":
             return None
         auth = headers.get("authorization", "")
-        given = auth[7:].strip() if auth.lower().startswith("bearer ") else _cookie(headers.get("cookie", ""))
-        if given is None or not _same(given, cfg.token):
+        if auth.lower().startswith("bearer "):  # the header's raw bytes (decoded as Latin-1 above)
+            ok = token_matches(auth[7:].strip(" \t").encode("latin-1"), cfg.token)
+        else:
+            given = _cookie(headers.get("cookie", ""))
+            ok = given is not None and cookie_matches(given, cfg.token)
+        if not ok:
             return _error(401, "this server needs its access token: send 'Authorization: Bearer TOKEN', or open "
                                "the page once as /?token=TOKEN")
         return None
@@ -436,6 +441,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     token = args.token or os.environ.get(TOKEN_ENV) or None
+    if token is not None:
+        try:
+            check_token(token)
+        except InputError as exc:
+            print(f"oprm-rag serve: error: {exc}", file=sys.stderr)
+            return 2
+    log_config = install_redaction(token)  # /?token=... must not reach the access log
     if not _is_loopback(args.host) and not token:
         print(f"oprm-rag serve: error: --host {args.host} exposes the server beyond this machine; it has no "
               f"other protection, so give it a token (--token or ${TOKEN_ENV})", file=sys.stderr)
@@ -458,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"oprm-rag web: serving {app.state.engine.model_name} on http://{args.host}:{args.port}/"
           + ("?token=..." if token else ""), flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", log_config=log_config)
     except (OSError, SystemExit) as exc:
         print(f"oprm-rag serve: error: cannot listen on {args.host}:{args.port} ({exc})", file=sys.stderr)
         return 1
