@@ -294,10 +294,11 @@ def load_model_and_tokenizer(
         raise ModelLoadError(f"device_map={hf_kwargs['device_map']!r} needs the accelerate package: "
                              f"pip install 'oprm-rag[{ACCELERATE_EXTRA}]' (or pass device= instead)")
     local = Path(name).expanduser()
-    from .rwkv_loading import is_native_rwkv, load_native  # RWKV-6/7: BlinkDL .pth files and HF folders
+    from .rwkv_loading import hub_folder, is_native_rwkv, load_native  # RWKV-6/7: .pth files, HF folders
 
-    if is_native_rwkv(local):
-        native = load_native(local, dtype=_resolve_dtype(dtype), device=device, trust_remote_code=trust_remote_code)
+    rwkv_dir = local if is_native_rwkv(local) else None if local.exists() else hub_folder(name, hf_kwargs)
+    if rwkv_dir is not None:
+        native = load_native(rwkv_dir, dtype=_resolve_dtype(dtype), device=device, trust_remote_code=trust_remote_code)
         if native is not None:
             return native
     if local.is_dir():

@@ -35,7 +35,7 @@ from typing import Any
 
 from .errors import ModelLoadError
 
-__all__ = ["is_native_rwkv", "load_rwkv", "load_native", "native_model", "detect_version", "to_hf_layout",
+__all__ = ["is_native_rwkv", "load_rwkv", "load_native", "hub_folder", "native_model", "detect_version", "to_hf_layout",
            "NATIVE_MODEL_TYPES"]
 
 logger = logging.getLogger("oprm_rag")
@@ -59,6 +59,48 @@ def is_native_rwkv(path: Path) -> bool:
     except (OSError, ValueError, AttributeError):
         return False  # check_model_folder explains a broken config
     return model_type in NATIVE_MODEL_TYPES
+
+
+def hub_folder(name: str, hf_kwargs: dict[str, Any]) -> Path | None:
+    """The local snapshot of hub repository ``name`` when its config.json names RWKV-6/7
+    (``fla-hub/rwkv7-1.5B-world``, ``RWKV/v6-Finch-1B6-HF``), else None.
+
+    The Hugging Face cache is read first; the hub is asked only when downloads are on and
+    it can be reached (then config.json first, the weights and tokenizer files only for an
+    RWKV-6/7 repository). Anything else returns None and goes through transformers as before.
+    """
+    from .loading import _hub_offline, _hub_unreachable, _looks_local
+
+    if _looks_local(name) or name.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return None
+    kw = {k: hf_kwargs[k] for k in ("revision", "token", "cache_dir") if hf_kwargs.get(k) is not None}
+    offline = bool(hf_kwargs.get("local_files_only")) or _hub_offline()
+    config = None
+    for local_only in (True, False):
+        if not local_only and (offline or _hub_unreachable() is not None):
+            return None
+        try:
+            config = Path(hf_hub_download(name, "config.json", local_files_only=local_only, **kw))
+            break
+        except Exception:  # noqa: BLE001 - not cached / not a repository / no network: not ours to decide
+            continue
+    if config is None or not is_native_rwkv(config.parent):
+        return None
+    patterns = ["*.json", "*.safetensors", "rwkv_vocab_*.txt", "*.bin"]
+    for local_only in (True, False):
+        if not local_only and offline:
+            break
+        try:
+            folder = Path(snapshot_download(name, allow_patterns=patterns, local_files_only=local_only, **kw))
+        except Exception:  # noqa: BLE001
+            continue
+        if any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")):
+            return folder
+    return config.parent  # weights missing: the folder checks say which
 
 
 def detect_version(weights: dict[str, Any]) -> int:

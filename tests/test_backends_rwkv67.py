@@ -36,14 +36,6 @@ SHAPES = {6: dict(layers=2, hidden=64, head_size=32, vocab=VOCAB), 7: dict(layer
                                                                            vocab=VOCAB)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=[6, 7], ids=["rwkv6", "rwkv7"])
 def setup(request, tmp_path_factory):
     version = request.param
@@ -316,3 +308,20 @@ def test_follow_up_runs_from_cached_chunk_states(public):
     assert cached.text == fresh.text
     for a, b in zip(fresh.chunks, cached.chunks):
         assert abs(a.entropy - b.entropy) < 1e-5 and a.top_token_id == b.top_token_id
+
+
+def test_a_hub_name_in_the_hf_cache_loads_natively(tmp_path):
+    """``fla-hub/...`` as downloaded into the Hugging Face cache (no network: HF_HUB_OFFLINE)."""
+    import shutil
+
+    from oprm_rag import RecurrentLM
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--fla-hub--rwkv7-tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    built = save_rwkv_hf_folder(tmp_path / "built", 7, layers=2, hidden=32, head_size=16, vocab=300)
+    shutil.copytree(built, repo / "snapshots" / sha)
+    lm = RecurrentLM.from_pretrained("fla-hub/rwkv7-tiny", cache_dir=str(tmp_path / "hub"))
+    assert lm.family == "rwkv7" and lm.backend.exact_continuation
+    assert lm.model.config.source_format == "fla"
