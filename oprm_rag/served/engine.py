@@ -7,7 +7,7 @@ first-answer-token distribution (``logits="last"``) do the rows go out, as concu
 ``/v1/completions`` requests for one token with log-probabilities. Decoding the answer
 is a streamed completion of the winning prompt.
 
-What this engine cannot do that the in-process one does (``stores_states = False``):
+What this engine cannot do that the in-process one does (it is no ``StatefulEngine``):
 
 * **decode from a stored state**: the server prefills the winning ``[P, C, Q]`` again
   for the answer (llama.cpp may reuse its slot's state when the same prompt was the
@@ -27,17 +27,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import re
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
-from ..engine import BaseTextStream, ChunkSize, Engine, Extension, FirstTokens, LogitsWanted
+from ..decoding.stream import BaseTextStream
+from ..engine import ChunkSize, Engine, EngineInfo, Extension, FirstTokens, LogitsWanted
 from ..errors import OptionError
-from ..generation import Generation, GenerationConfig
+from ..decoding.config import Generation, GenerationConfig
 from .client import Completed, CompletionStream, Scored, ServedClient
-from .entropy import Tail, first_tokens_from_top
-from .errors import ServerResponseError, TokenIdsRejectedError
-from .tokens import LocalTokens, TokenSource, token_source
+from .entropy import Tail, first_tokens_from_top, ids_of_pieces
+from .errors import ContextOverflowError, ServerResponseError, TokenIdsRejectedError
+from .tokens import LocalTokens, ServerTokens, TokenSource, token_source
 
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
@@ -45,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
     from ..prompts import PromptTemplate
+    from .published import PublishedFormat
 
 __all__ = ["OpenAICompatibleLM", "PromptRows", "ServedGeneration", "ServedStats"]
 
@@ -58,6 +62,9 @@ _SYNTHETIC = 1 << 40  # ids this engine gives to tokens a server named only by t
 PromptFormat = Literal["auto", "ids", "text"]
 #: How servers refuse a prompt they cannot parse (llama-cpp-python's server: 500).
 _REFUSAL_STATUS = (400, 415, 422, 500)
+_UNASKED = object()
+#: vLLM's refusal of ``logprobs=-1`` (the whole vocabulary) over its cap names both numbers.
+_VOCAB_REFUSAL = re.compile(r"logprobs of (\d+),? which is greater than max allowed:? (\d+)", re.I)
 
 
 class PromptRows:
@@ -81,9 +88,12 @@ class PromptRows:
 
 @dataclass
 class ServedGeneration(Generation):
-    """A completion from the server; ``completion_tokens`` is the server's own count."""
+    """A completion from the server; ``completion_tokens`` is the server's own count.
+    ``context_room``: the tokens the server's context left for the answer when fewer than
+    ``max_new_tokens`` (then ``finish_reason`` is "context" if the answer filled them)."""
 
     server_completion_tokens: int | None = None
+    context_room: int | None = None
 
     @property
     def completion_tokens(self) -> int:  # type: ignore[override]
@@ -112,11 +122,11 @@ class ServedTextStream(BaseTextStream):
     """A streamed answer: iterate for text pieces; ``result`` is a :class:`ServedGeneration`."""
 
     def __init__(self, engine: "OpenAICompatibleLM", stream: CompletionStream, config: GenerationConfig,
-                 prompt_tokens: int) -> None:
+                 prompt_tokens: int, room: int | None = None) -> None:
         self.engine = engine
         self._stream = stream
         self.config = config
-        self.result = ServedGeneration("", [], "length", prompt_tokens)
+        self.result = ServedGeneration("", [], "length", prompt_tokens, None, room)
 
     def _pieces(self) -> Iterator[str]:
         if self.config.max_new_tokens == 0:
@@ -128,7 +138,8 @@ class ServedTextStream(BaseTextStream):
         finally:
             done = self._stream.result
             self.result.text = done.text
-            self.result.finish_reason = self.engine._finish(done.finish_reason, self.config)
+            self.result.finish_reason = self.engine._finish(done.finish_reason, self.config, self.result.context_room,
+                                                            done.completion_tokens)
             self.result.server_completion_tokens = done.completion_tokens
             self.engine._count(done, scoring=False)
 
@@ -163,10 +174,8 @@ class OpenAICompatibleLM(Engine):
             can differ slightly from a full computation, see ``docs/served.md``).
     """
 
-    stores_states: ClassVar[bool] = False
-    #: Only the next token's top log-probabilities come back: no question_likelihood.
-    full_logits: ClassVar[bool] = False
-    supports_left_padding = True  # rows of any lengths: each is its own request
+    # Not a StatefulEngine (states live on the server) nor a QuestionLikelihood (only the
+    # next token's top log-probabilities come back); rows of any lengths: each is a request.
 
     def __init__(self, base_url: str, model: str | None = None, *, api_key: str | None = None,
                  tokenizer: Any = None, max_concurrency: int = 8, timeout: float = 120.0, max_retries: int = 2,
@@ -190,7 +199,9 @@ class OpenAICompatibleLM(Engine):
         self.training_context = training_context
         self.prompt_format: PromptFormat = prompt_format
         self.entropy_tail: Tail = entropy_tail
-        self._tokenizer_arg = tokenizer
+        # a tokenizer folder is loaded now: a wrong path fails here, not on the first question
+        self._tokenizer_arg = (tokenizer if tokenizer is None or isinstance(tokenizer, TokenSource)
+                               else LocalTokens(tokenizer))
         self._prompt_arg = prompt
         self._tokens: TokenSource | None = None
         self._prompt: "PromptTemplate | None" = None
@@ -201,9 +212,19 @@ class OpenAICompatibleLM(Engine):
         self._synthetic: dict[str, int] = {}
         self._synthetic_text: dict[int, str] = {}
         self._pieces: dict[int, str] = {}  # id -> text, learnt from scoring answers
+        self._published: Any = _UNASKED
+        self._vocab_learnt: int | None = None  # the model's vocabulary, from the server's answers
+        self._vocab_asked = False
         self.stats = ServedStats()
 
     # ------------------------------------------------------------------ identity
+    def describe(self) -> EngineInfo:
+        """The served model's facts as of now (vocabulary, limits and training length may be
+        learned from the server on first use)."""
+        return EngineInfo(name=self.name, identity=self.identity, prompt=self.prompt, auto_chunk=self.auto_chunk(),
+                          vocab_size=self.vocab_size, position_limit=self.position_limit,
+                          token_counting=self.token_counting, can_pad=True)  # type: ignore[arg-type]
+
     @property
     def name(self) -> str:
         return self.client.model or self.client.base_url
@@ -238,13 +259,39 @@ class OpenAICompatibleLM(Engine):
                     self._prompt = arg
                 elif arg is not None:
                     self._prompt = PromptTemplate.from_file(arg)
+                elif self.published_format is not None:
+                    self._prompt = self.published_format.prompt
                 else:
                     folder = getattr(self.tokens, "folder", None)
                     tok = getattr(self.tokens, "tokenizer", None)
                     if tok is None and self.apply_chat_template([{"role": "user", "content": "?"}]) is not None:
-                        tok = _HasChatTemplate()  # the server renders chats (llama.cpp /apply-template)
+                        tok = _HasChatTemplate()  # the server renders chats (llama.cpp, vLLM)
                     self._prompt = PromptTemplate.for_model(folder, tok)
             return self._prompt
+
+    @property
+    def published_format(self) -> "PublishedFormat | None":
+        """The OPRM prompt and training length the model's chat template publishes
+        (:mod:`oprm_rag.served.published`), asked once: through the local tokenizer where
+        one is given, else through the server. A ``tokenizer=`` folder's own
+        ``oprm_prompt.json`` comes first."""
+        from ..prompts import PROMPT_FILE
+        from .published import PROBE_MESSAGES, PUBLISH_KWARG, parse_published
+
+        with self._lock:
+            if self._published is _UNASKED:
+                folder = getattr(self.tokens, "folder", None)
+                if folder is not None and (folder / PROMPT_FILE).is_file():
+                    from .published import folder_format
+
+                    self._published = folder_format(folder)
+                else:
+                    rendered = self.tokens.chat_template(PROBE_MESSAGES, **{PUBLISH_KWARG: True})
+                    self._published = parse_published(rendered)
+                    if self._published is not None:
+                        logger.info("the model at %s publishes its OPRM prompt through its chat template",
+                                    self.client.base_url)
+            return self._published  # type: ignore[return-value]
 
     @property
     def position_limit(self) -> int | None:
@@ -253,16 +300,25 @@ class OpenAICompatibleLM(Engine):
 
     @property
     def vocab_size(self) -> int | None:
-        return self.client.info().n_vocab or self.tokens.vocab_size
+        """The model's vocabulary: what the server lists (llama.cpp), the local tokenizer's,
+        else learnt from the server on the first scoring request (vLLM's answer to
+        ``logprobs=-1``, or its refusal, which names the size)."""
+        return self.client.info().n_vocab or self.tokens.vocab_size or self._vocab_learnt
 
     def auto_chunk(self) -> ChunkSize:
         from ..capacity import DEFAULT_CHUNK, MIN_CHUNK
 
-        trained = self.training_context
-        source = "training_context= (given)"
+        trained, source = self.training_context, "training_context= (given)"
+        folder = getattr(self.tokens, "folder", None)
+        if trained is None and folder is not None:
+            from .published import training_length
+
+            trained, source = training_length(folder), f"the tokenizer= folder {folder}"
         if trained is None:
-            trained = self.client.info().n_ctx_train
-            source = "the server's n_ctx_train"
+            trained, source = self.client.info().n_ctx_train, "the server's n_ctx_train"
+        if trained is None and self.published_format is not None:
+            trained = self.published_format.train_context_tokens
+            source = "the model's chat template on the server"
         if trained:
             size = max(MIN_CHUNK, trained - min(64, trained // 8))
             return ChunkSize(size, f"served model: the state law needs the model's state size, which a server does not "
@@ -316,6 +372,8 @@ class OpenAICompatibleLM(Engine):
                logits: LogitsWanted = "last") -> Extension:
         if not rows:
             raise ValueError("extend needs at least one row")
+        if states is None:
+            states = PromptRows([()])  # a sequence's start
         if not isinstance(states, PromptRows):
             raise TypeError(f"states of a served model are PromptRows, got {type(states).__name__}")
         if states.batch_size not in (1, len(rows)):
@@ -348,14 +406,16 @@ class OpenAICompatibleLM(Engine):
         if scored is None:
             raise ValueError("first_tokens needs an extension made with logits='last'")
         ids = [self._row_ids(s, idk_ids) for s in scored]
-        return first_tokens_from_top([s.top for s in scored], ids, idk_ids, self.vocab_size, tail=self.entropy_tail)
+        return first_tokens_from_top([s.top for s in scored], ids, idk_ids, self.vocab_size, tail=self.entropy_tail,
+                                     where=f"the server at {self.client.base_url}")
 
     # ------------------------------------------------------------------ scoring
     def _k(self) -> int:
         if self.top_logprobs is not None:
             return self.top_logprobs
         vocab = self.vocab_size
-        return min(vocab, DEFAULT_TOP_LOGPROBS) if vocab else DEFAULT_TOP_LOGPROBS
+        k = min(vocab, DEFAULT_TOP_LOGPROBS) if vocab else DEFAULT_TOP_LOGPROBS
+        return min(k, self.client.max_top_logprobs or k)  # the server's cap, where learnt
 
     def _wire(self, ids: Sequence[int]) -> list[int] | str:
         """A prompt as the server gets it: token ids, or text where ids cannot go."""
@@ -364,9 +424,15 @@ class OpenAICompatibleLM(Engine):
         return list(ids)
 
     def _score(self, rows: list[tuple[int, ...]]) -> list[Scored]:
-        k = self._k()
+        self._check_fits(rows, 1, "a scoring request")
         prompts = [self._wire(r) for r in rows]
         out: list[Scored] = []
+        if rows and self._needs_vocab():
+            first = self._learn_vocab(prompts[0])
+            if first is not None:
+                out.append(first)
+                rows, prompts = rows[1:], prompts[1:]
+        k = self._k()
         if self._ids_accepted is None and prompts and not isinstance(prompts[0], str):
             out.append(self._probe_ids(rows[0], prompts[0], k))
             rows, prompts = rows[1:], [self._wire(r) for r in rows[1:]]
@@ -374,6 +440,60 @@ class OpenAICompatibleLM(Engine):
         for s in out:
             self._count(s, scoring=True)
         return out
+
+    def _needs_vocab(self) -> bool:
+        return self.top_logprobs is None and not self._vocab_asked and self.vocab_size is None
+
+    def _learn_vocab(self, prompt: list[int] | str) -> Scored | None:
+        """Ask for the whole distribution once (``logprobs=-1``, vLLM's "all of it"), when
+        nothing else says how large the vocabulary is. Accepted: the answer holds every
+        token (it sums to 1), so its length is the vocabulary and it is this row's score.
+        Refused over the cap: vLLM's message names the vocabulary and the cap
+        ("Requested sample logprobs of 3072, which is greater than max allowed: 20").
+        Refused otherwise: nothing learnt, and the usual request follows."""
+        with self._lock:
+            if self._vocab_asked:
+                return None
+            self._vocab_asked = True
+        try:
+            scored = self.client.score(prompt, -1)
+        except ServerResponseError as exc:
+            found = _VOCAB_REFUSAL.search(str(exc))
+            if found and int(found.group(2)) < int(found.group(1)):
+                with self._lock:
+                    self._vocab_learnt = int(found.group(1))
+                self.client.max_top_logprobs = int(found.group(2))
+                logger.warning("%s allows at most %s of the model's %s log-probabilities per token; entropies are "
+                               "estimates with bounds (start vLLM with --max-logprobs %s for exact ones)",
+                               self.client.base_url, found.group(2), found.group(1), found.group(1))
+            return None
+        values = scored.top.logprobs
+        distinct = len(set(scored.top.ids)) if scored.top.ids is not None else len(set(scored.top.pieces))
+        mass = math.fsum(math.exp(v) for v in values) if values else 0.0
+        if distinct != len(values) or len(values) < 2 or abs(mass - 1.0) > 1e-3:
+            return None  # not the whole distribution: this server does not read -1 as vLLM does
+        with self._lock:
+            self._vocab_learnt = len(values)
+            if not isinstance(prompt, str):
+                self._ids_accepted = True
+        if isinstance(self.tokens, ServerTokens):
+            self.tokens.learnt_vocab_size = len(values)
+        return scored
+
+    def _check_fits(self, rows: Sequence[Sequence[int]], room: int, what: str) -> None:
+        """Refuse, before sending, a prompt that leaves fewer than ``room`` positions of
+        the server's per-sequence context (vLLM answers a prompt of exactly its context
+        with "max_tokens must be at least 1": a context overflow, said as one)."""
+        limit = self.position_limit
+        if not limit or not self.tokens.model_ids or self._ids_accepted is False:
+            return  # text prompts: the server's count is not ours
+        longest = max((len(r) for r in rows), default=0)
+        if longest + room > limit:
+            raise ContextOverflowError(
+                f"the server at {self.client.base_url} holds {limit} tokens per sequence; {what} of {longest} prompt "
+                f"tokens leaves no room for {room} generated token{'s' if room != 1 else ''}. Use smaller "
+                "chunk_tokens, or start the server with a larger context (llama.cpp: -c per slot x -np; vLLM: "
+                "--max-model-len)")
 
     def _probe_ids(self, row: tuple[int, ...], prompt: list[int], k: int) -> Scored:
         """The first id prompt this engine sends: if the server refuses it but takes the
@@ -412,6 +532,8 @@ class OpenAICompatibleLM(Engine):
                 for i, piece in zip(top.ids[:1], top.pieces[:1]):
                     self._pieces.setdefault(i, piece)
             return top.ids
+        if top.ids is None and isinstance(self.tokens, LocalTokens):  # text keys: the model's ids, or refused
+            return ids_of_pieces(top.pieces, self.tokens.tokenizer, f"the server at {self.client.base_url}")
         if top.ids is None and self.tokens.model_ids:
             # Keyed by text only (a server without vLLM's return_tokens_as_token_ids): the top
             # token's id through the tokenizer, IDK tokens by their text, the rest need none.
@@ -456,28 +578,51 @@ class OpenAICompatibleLM(Engine):
         return old
 
     # ------------------------------------------------------------------ decoding
-    def _finish(self, reason: str, config: GenerationConfig) -> str:
+    def _finish(self, reason: str, config: GenerationConfig, room: int | None = None,
+                completion_tokens: int | None = None) -> str:
         if reason == "stop":
             return "stop" if config.stop else "eos"  # the server does not say which; without stop strings, EOS
+        if reason == "length" and room is not None and (completion_tokens is None or completion_tokens >= room):
+            return "context"  # the server's context filled up before max_new_tokens
         return "length" if reason == "length" else reason
+
+    def _room(self, row: Sequence[int], config: GenerationConfig) -> int | None:
+        """The tokens the server can still generate after ``row`` when that is fewer than
+        ``max_new_tokens`` (vLLM then shortens ``max_tokens`` without saying so; the
+        answer's ``finish_reason`` is "context" if it ends there), else None."""
+        limit = self.position_limit
+        if not limit or not self.tokens.model_ids or self._ids_accepted is False:
+            return None
+        self._check_fits([row], 1, "the answer request")
+        room = limit - len(row)
+        if room >= config.max_new_tokens:
+            return None
+        logger.warning("the server at %s holds %d tokens per sequence: after the %d-token prompt the answer can have "
+                       "at most %d of the %d tokens asked (finish_reason='context' if it gets there)",
+                       self.client.base_url, limit, len(row), room, config.max_new_tokens)
+        return room
 
     def stream(self, state: PromptRows, logits: Any, config: GenerationConfig, *,
                prompt_tokens: int = 0) -> ServedTextStream:
         if state.batch_size != 1:
             raise ValueError("stream decodes one sequence; use generate_batch for several")
         row = state.rows[0]
-        return ServedTextStream(self, self.client.stream(self._wire(row), config), config, prompt_tokens or len(row))
+        room = self._room(row, config) if config.max_new_tokens else None
+        return ServedTextStream(self, self.client.stream(self._wire(row), config), config, prompt_tokens or len(row),
+                                room)
 
     def generate_batch(self, states: PromptRows, logits: Sequence[Any], config: GenerationConfig,
                        prompt_tokens: Sequence[int] | None = None) -> list[Generation]:
         if config.max_new_tokens == 0:
             return [ServedGeneration("", [], "length", len(r)) for r in states.rows]
+        rooms = [self._room(r, config) for r in states.rows]
         done = self.client.complete_many([self._wire(r) for r in states.rows], config)
         out: list[Generation] = []
-        for i, (row, c) in enumerate(zip(states.rows, done)):
+        for i, (row, c, room) in enumerate(zip(states.rows, done, rooms)):
             self._count(c, scoring=False)
             n = int(prompt_tokens[i]) if prompt_tokens is not None else len(row)
-            out.append(ServedGeneration(c.text, [], self._finish(c.finish_reason, config), n, c.completion_tokens))
+            out.append(ServedGeneration(c.text, [], self._finish(c.finish_reason, config, room, c.completion_tokens),
+                                        n, c.completion_tokens, room))
         return out
 
     # ------------------------------------------------------------------ lifecycle

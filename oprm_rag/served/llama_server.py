@@ -76,6 +76,9 @@ class LlamaServer:
     manager, or call :meth:`start` and :meth:`stop`.
     """
 
+    #: The server's name in messages (``VLLMServer`` reuses this class's process handling).
+    label = "llama-server"
+
     def __init__(self, model_path: str | Path, *, alias: str = "model", slots: int = 4, slot_context: int = 2048,
                  threads: int | None = None, extra_args: Sequence[str] = (), binary: str | Path | None = None,
                  host: str = "127.0.0.1", startup_timeout: float = 120.0) -> None:
@@ -105,7 +108,7 @@ class LlamaServer:
     @property
     def root_url(self) -> str:
         if self.port is None:
-            raise ServerUnavailableError("the llama-server has not been started")
+            raise ServerUnavailableError(f"the {self.label} has not been started")
         return f"http://{self.host}:{self.port}"
 
     @property
@@ -148,7 +151,7 @@ class LlamaServer:
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code is not None:
-                raise ServerUnavailableError(f"llama-server exited with code {code} while starting; its log "
+                raise ServerUnavailableError(f"{self.label} exited with code {code} while starting; its log "
                                              f"({self.log_path}) ends:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.root_url + "/health", timeout=2) as r:
@@ -157,7 +160,7 @@ class LlamaServer:
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
             time.sleep(0.1)
-        raise ServerUnavailableError(f"llama-server did not become healthy within {self.startup_timeout:g} s; its log "
+        raise ServerUnavailableError(f"{self.label} did not become healthy within {self.startup_timeout:g} s; its log "
                                      f"({self.log_path}) ends:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 20) -> str:

@@ -64,7 +64,9 @@ class TokenSource(ABC):
     def fingerprint(self) -> str:
         return self.counting
 
-    def chat_template(self, messages: list[dict[str, str]]) -> str | None:
+    def chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> str | None:
+        """``messages`` through the model's chat template (``kwargs`` go to the template),
+        or None where there is none."""
         return None
 
     def text_of(self, ids: Sequence[int]) -> str:
@@ -128,10 +130,10 @@ class LocalTokens(TokenSource):
             vocab = [type(self.tokenizer).__name__, self.vocab_size]
         return "local:" + hashlib.blake2b(repr(vocab).encode("utf-8"), digest_size=12).hexdigest()
 
-    def chat_template(self, messages: list[dict[str, str]]) -> str | None:
+    def chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> str | None:
         if not getattr(self.tokenizer, "chat_template", None):
             return None
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 
 
 class ServerTokens(TokenSource):
@@ -143,6 +145,8 @@ class ServerTokens(TokenSource):
         self.client = client
         self._pieces: dict[int, bytes] = {}
         self._lock = threading.Lock()
+        self._chat_route: str | None = None  # "apply-template" (llama.cpp), "tokenize" (vLLM) or "none"
+        self.learnt_vocab_size: int | None = None  # from the server's answers (the engine sets it)
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         out = self.client.tokenize(text, add_special=add_special_tokens)
@@ -151,15 +155,28 @@ class ServerTokens(TokenSource):
         return out[0]
 
     def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """Char offsets from each token's bytes (llama.cpp sends them with the ids; else
-        each distinct id is detokenised once). Checked against the text: where the pieces
-        do not spell it out exactly, offsets are spread evenly and a warning is logged."""
-        out = self.client.tokenize(text, with_pieces=True)
-        if out is None:
-            raise InputError(f"the server at {self.client.base_url} has no /tokenize; pass tokenizer=")
-        ids, pieces = out
-        if pieces is None:
-            pieces = self._pieces_of(ids)
+        """Char offsets from each token's bytes: llama.cpp sends them with the ids
+        (``with_pieces``), vLLM its token strings (``return_token_strs``: byte-level or
+        SentencePiece spellings, turned back into bytes); else each distinct id is
+        detokenised once. Checked against the text: where the pieces do not spell it out
+        exactly, offsets are spread evenly and a warning is logged."""
+        body: dict[str, Any] = {"content": text, "prompt": text, "add_special": False, "add_special_tokens": False,
+                                "with_pieces": True, "return_token_strs": True}
+        if self.client.model:
+            body["model"] = self.client.model
+        out = self.client._post_root("/tokenize", body)
+        tokens = out.get("tokens") if isinstance(out, dict) else None
+        if not isinstance(tokens, list):
+            raise InputError(f"the server at {self.client.base_url} has no usable /tokenize; pass tokenizer=")
+        if tokens and isinstance(tokens[0], dict):  # llama.cpp: [{"id", "piece"}], piece as text or bytes
+            ids = [int(t["id"]) for t in tokens]
+            pieces = [bytes(p) if isinstance(p, list) else str(p).encode("utf-8") for p in (t["piece"] for t in tokens)]
+        else:
+            ids = [int(t) for t in tokens]
+            strs = out.get("token_strs")
+            pieces = _pieces_from_token_strs(text, strs) if isinstance(strs, list) and len(strs) == len(ids) else None
+            if pieces is None:
+                pieces = self._pieces_of(ids)
         return np.asarray(ids, dtype=np.int64), _offsets_from_pieces(text, pieces)
 
     def _pieces_of(self, ids: Sequence[int]) -> list[bytes]:
@@ -176,15 +193,54 @@ class ServerTokens(TokenSource):
 
     @property
     def vocab_size(self) -> int | None:
-        return self.client.info().n_vocab
+        return self.client.info().n_vocab or self.learnt_vocab_size
 
     @property
     def fingerprint(self) -> str:
-        info = self.client.info()
-        return f"server:{self.client.root_url}:{info.n_vocab}"
+        return f"server:{self.client.root_url}:{self.vocab_size}"
 
-    def chat_template(self, messages: list[dict[str, str]]) -> str | None:
-        return self.client.apply_template(messages)
+    def chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> str | None:
+        """The server's chat template applied to ``messages`` (``kwargs`` go to the
+        template): llama.cpp's ``/apply-template``, else vLLM's ``/tokenize`` with
+        messages, detokenised; None where the server renders no chats."""
+        from .errors import ServerResponseError
+
+        if self._chat_route in (None, "apply-template"):
+            body: dict[str, Any] = {"messages": messages}
+            if kwargs:
+                body["chat_template_kwargs"] = kwargs
+            out = self._post_or_none("/apply-template", body)
+            if isinstance(out, dict) and isinstance(out.get("prompt"), str):
+                self._chat_route = "apply-template"
+                return out["prompt"]
+        if self._chat_route in (None, "tokenize"):
+            body = {"messages": messages, "add_generation_prompt": True, "add_special_tokens": False}
+            if kwargs:
+                body["chat_template_kwargs"] = kwargs
+            if self.client.model:
+                body["model"] = self.client.model
+            out = self._post_or_none("/tokenize", body)
+            if isinstance(out, dict) and isinstance(out.get("tokens"), list):
+                self._chat_route = "tokenize"
+                try:
+                    return self.client.detokenize([int(t) for t in out["tokens"]])
+                except ServerResponseError:
+                    return None
+        self._chat_route = self._chat_route or "none"
+        return None
+
+    def _post_or_none(self, path: str, body: dict[str, Any]) -> Any:
+        """POST ``body``; None where the server has no such endpoint or refuses it with a
+        client error (vLLM refuses a model without a chat template with 400)."""
+        from .errors import ServerError
+
+        try:
+            return self.client._post_root(path, body)
+        except ServerError as exc:
+            status = getattr(exc, "status_code", None)
+            if status is not None and 400 <= status < 500:
+                return None
+            raise
 
 
 class ApproximateTokens(TokenSource):
@@ -222,6 +278,51 @@ class ApproximateTokens(TokenSource):
         return f"tiktoken:{TIKTOKEN_ENCODING}"
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: the printable character each byte is
+    spelt with in a byte-level BPE vocabulary -> the byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) \
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+def _sentencepiece_bytes(piece: str) -> bytes:
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
+def _pieces_from_token_strs(text: str, strs: Sequence[Any]) -> list[bytes] | None:
+    """Each token's bytes from the token strings a server returns (vLLM's
+    ``return_token_strs``), in whichever spelling makes them spell ``text`` exactly:
+    byte-level BPE (``"\u0120w"``), SentencePiece (``"\u2581w"``, ``<0xE6>``) or plain text.
+    None where no spelling does."""
+    if not all(isinstance(t, str) for t in strs):
+        return None
+    raw = text.encode("utf-8")
+    if all(ch in _BYTE_DECODER for t in strs for ch in t):
+        pieces = [bytes(_BYTE_DECODER[ch] for ch in t) for t in strs]
+        if b"".join(pieces) == raw:
+            return pieces
+    for spell in (_sentencepiece_bytes, lambda t: t.encode("utf-8")):
+        pieces = [spell(t) for t in strs]
+        if b"".join(pieces) == raw:
+            return pieces
+        if pieces and pieces[0].startswith(b" ") and b"".join(pieces)[1:] == raw:  # SentencePiece's leading space
+            return [pieces[0][1:]] + pieces[1:]
+    return None
+
+
 def _offsets_from_pieces(text: str, pieces: Sequence[bytes]) -> np.ndarray:
     """Char spans [n, 2] of tokens whose UTF-8 bytes are ``pieces`` and spell ``text``."""
     raw = text.encode("utf-8")
@@ -239,9 +340,15 @@ def _offsets_from_pieces(text: str, pieces: Sequence[bytes]) -> np.ndarray:
         char_at[pos:pos + width] = ci
         pos += width
     char_at[len(raw)] = len(text)
-    starts = np.cumsum([0] + [len(p) for p in pieces[:-1]]) if n else np.zeros(0, dtype=np.int64)
-    ends = starts + np.asarray([len(p) for p in pieces], dtype=np.int64)
-    return np.stack([char_at[starts], char_at[ends]], axis=1).astype(np.int64) if n else np.zeros((0, 2), np.int64)
+    if not n:
+        return np.zeros((0, 2), np.int64)
+    sizes = np.asarray([len(p) for p in pieces], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    # a token spans the characters its bytes touch: every byte token of one multi-byte
+    # character gets that whole character, as a fast tokenizer's offsets do
+    first = char_at[starts]
+    last = np.where(sizes > 0, char_at[np.maximum(starts + sizes - 1, 0)] + 1, first)
+    return np.stack([first, last], axis=1).astype(np.int64)
 
 
 def token_source(tokenizer: Any, client: "ServedClient") -> TokenSource:

@@ -80,3 +80,20 @@ def smol_server() -> Iterator["object"]:
 
     with LlamaServer(path, alias="smollm2", slots=2, slot_context=2048, threads=1, binary=binary) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def vllm_server() -> Iterator["object"]:
+    """vLLM's CPU build (``make vllm``) on the shipped model folder itself: float32, eager, a 1 GiB
+    cache, 2,048 tokens per sequence, ``--max-logprobs`` at the vocabulary size (3,072). Module-scoped:
+    one start (~1-2 min) for tests/served/test_vllm.py, whose last test kills its engine."""
+    from oprm_rag.served.vllm import VLLMServer, find_vllm_python
+
+    python = find_vllm_python()
+    if python is None:  # fail in CI (make test installs it), else skip
+        msg = "vLLM is not installed: run `make vllm` (`make test` does)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    with VLLMServer(oprm_rag.DEMO_MODEL, name="oprm-demo", max_model_len=2048, python=python) as srv:
+        yield srv
