@@ -241,6 +241,7 @@ class EntryWriter:
         self._family: str | None = None
         self._has_logits: bool | None = None
         self._seen = bytearray(self.n_chunks)
+        self._width: int | None = None
         self._started = False
         self._closed = False
         self.failed = False
@@ -306,6 +307,17 @@ class EntryWriter:
         self._mem_states = None
         self._mem_logits = None
 
+    def _kv_width(self, states: RecurrentState, idx: list[int]) -> int | None:
+        """Key slots of every row of this entry, for states with attention keys (None: none):
+        the prefix plus the longest chunk, so rows of chunks of any length share one shape."""
+        if states.kv_width is None:
+            return None
+        if self._width is None:
+            first = self.spans[idx[0]]
+            prefix = states.positions[0] - (first[1] - first[0])
+            self._width = prefix + max(b - a for a, b in self.spans)
+        return self._width
+
     @property
     def keeping(self) -> bool:
         """Whether any tier still takes this entry's rows."""
@@ -324,6 +336,7 @@ class EntryWriter:
             if any(not 0 <= i < self.n_chunks for i in idx):
                 raise IndexError(f"chunk index outside 0..{self.n_chunks - 1}")
             states = states.to("cpu")
+            states = states.with_kv_width(self._kv_width(states, idx))  # attention keys: one row shape
             logits = chunk_end_logits.detach().to("cpu", torch.float32) if chunk_end_logits is not None else None
             if not self._started:
                 self._start(states, logits)

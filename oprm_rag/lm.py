@@ -73,8 +73,9 @@ class RecurrentLM:
         self.backend: Backend = backend_for(model, kernels=kernels, mitigation=self.mitigation)
         if not self.backend.exact_continuation:
             logger.warning(
-                "%s (%s): its cache cannot be continued exactly from a stored state; OPRM falls back "
-                "to a full prefill of [P, C_i, Q] per chunk.", self.name, type(model).__name__)
+                "%s (%s): its cache cannot be continued exactly from a stored state (%s); OPRM falls back "
+                "to a full prefill of [P, C_i, Q] per chunk.", self.name, type(model).__name__,
+                getattr(self.backend, "reason", "no backend runs it from states"))
         self.prompt = prompt or PromptTemplate.for_model(self.model_dir, tokenizer)
         self._lock = threading.RLock()
         self._identity: str | None = None
@@ -186,8 +187,8 @@ class RecurrentLM:
     @property
     def position_limit(self) -> int | None:
         """A hard limit on one sequence's tokens: only for models with absolute positions
-        (the token-replay fallback); recurrent models read any length."""
-        if self.backend.exact_continuation:
+        (attention layers, exact or on the token replay); recurrent models read any length."""
+        if self.backend.exact_continuation and not self.backend.positional:
             return None
         value = getattr(self.model.config, "max_position_embeddings", None)
         return int(value) if isinstance(value, int) and value > 0 else None

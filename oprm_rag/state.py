@@ -18,9 +18,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 from .errors import StateFormatError  # re-exported: it lived here before errors.py
 
-__all__ = ["RecurrentState", "StateFormatError"]
+__all__ = ["RecurrentState", "StateFormatError", "KV_PREFIX"]
 
 _FAMILY_KEY = "oprm_rag.family"
+#: Names of attention key/value tensors, [b, heads, T, d], left-padded (see RecurrentState).
+KV_PREFIX = "kv."
 
 
 @dataclass
@@ -31,6 +33,13 @@ class RecurrentState:
     state is never fed to a model of another kind. Every state carries a ``position``
     tensor (tokens consumed per row), which backends with positional parts need and
     which makes a stored state self-describing.
+
+    Tensors named ``kv.*`` are attention keys or values, ``[b, heads, T, d]``, that grow
+    with the text (a transformer's or a hybrid's attention layers). Rows of one batch may
+    hold different numbers of tokens, so they are **left-padded**: row ``r``'s real
+    entries are its last ``position[r]`` slots (:meth:`kv_valid` derives the mask).
+    :meth:`cat` pads to the widest batch, :meth:`with_kv_width` to a fixed width (a
+    cache entry's rows all have one shape).
     """
 
     family: str
@@ -89,7 +98,51 @@ class RecurrentState:
         for s in states[1:]:
             if s.family != first.family or s.tensors.keys() != first.tensors.keys():
                 raise ValueError("cannot concatenate states of different models")
+        width = max((s.kv_width or 0) for s in states)
+        if any(s.kv_width not in (None, width) for s in states):  # different lengths: left-pad
+            states = [s.with_kv_width(width) for s in states]
         return cls(first.family, {k: torch.cat([s.tensors[k] for s in states], 0) for k in first.tensors})
+
+    # ------------------------------------------------------------------ attention keys and values
+    @property
+    def kv_width(self) -> int | None:
+        """Slots of the ``kv.*`` tensors (None: the state holds no attention keys)."""
+        for k, t in self.tensors.items():
+            if k.startswith(KV_PREFIX):
+                return int(t.shape[-2])
+        return None
+
+    def kv_valid(self) -> "torch.Tensor | None":
+        """[b, T] bool: which key slots are real (each row's last ``position`` slots)."""
+        import torch
+
+        width = self.kv_width
+        if width is None:
+            return None
+        pos = self.tensors["position"]
+        return torch.arange(width, device=pos.device)[None, :] >= (width - pos)[:, None]
+
+    def with_kv_width(self, width: int | None) -> "RecurrentState":
+        """The same state with ``kv.*`` tensors left-padded (zeros) or left-trimmed to ``width``
+        slots; a state without keys, or already that wide, is returned as is. Trimming only
+        drops padding: a row with more than ``width`` tokens raises ``ValueError``."""
+        import torch
+
+        have = self.kv_width
+        if width is None or have is None or have == width:
+            return self
+        if int(self.tensors["position"].max()) > width:
+            raise ValueError(f"a state of {int(self.tensors['position'].max())} tokens does not fit {width} key slots")
+
+        def fit(name: str, t: "torch.Tensor") -> "torch.Tensor":
+            if not name.startswith(KV_PREFIX):
+                return t
+            if have > width:
+                return t[..., have - width:, :]
+            pad = t.new_zeros((*t.shape[:-2], width - have, t.shape[-1]))
+            return torch.cat([pad, t], dim=-2)
+
+        return RecurrentState(self.family, {k: fit(k, v) for k, v in self.tensors.items()})
 
     def clone(self) -> "RecurrentState":
         return self._map(lambda t: t.clone())
@@ -124,7 +177,7 @@ class RecurrentState:
 
     def save(self, path: "str | Path", metadata: dict[str, str] | None = None) -> None:
         """Write to a safetensors file (atomically: temp file, then rename)."""
-        from .io_utils import atomic_write_safetensors
+        from .storage.files import atomic_write_safetensors
 
         meta = dict(metadata or {})
         meta[_FAMILY_KEY] = self.family
@@ -134,7 +187,7 @@ class RecurrentState:
     def load(cls, path: "str | Path", device: "Any" = "cpu",
              expect_metadata: dict[str, str] | None = None) -> "RecurrentState":
         """Read a state saved by :meth:`save`; any damage raises :class:`StateFormatError`."""
-        from .io_utils import read_safetensors
+        from .storage.files import read_safetensors
 
         tensors, meta = read_safetensors(Path(path), device=device)
         family = meta.get(_FAMILY_KEY)

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["FAMILIES", "EXACT_FAMILIES", "FALLBACK_FAMILIES", "tiny_tokenizer", "tiny_model", "save_tiny_model"]
+__all__ = ["FAMILIES", "EXACT_FAMILIES", "CACHE_FAMILIES", "FALLBACK_FAMILIES", "tiny_tokenizer", "tiny_model", "save_tiny_model"]
 
 _TEXT = (
     "The code of alpha is 1234. The code of beta is 5678. What is the code of alpha? Error. "
@@ -63,21 +63,65 @@ def _config(family: str, vocab: int, eos: int, pad: int) -> Any:
         return tf.RecurrentGemmaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                                        num_key_value_heads=1, intermediate_size=64, lru_width=32,
                                        attention_window_size=16, conv1d_width=4, **common)
-    if family == "llama":  # a transformer: runs on the token-replay fallback
-        return tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                              intermediate_size=64, max_position_embeddings=4096, **common)
-    if family == "zamba2":  # a hybrid (Mamba-2 + attention): token-replay fallback
-        return tf.Zamba2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                               mamba_d_state=8, mamba_headdim=8, n_mamba_heads=8, attention_head_dim=16,
-                               intermediate_size=64, layers_block_type=["mamba", "hybrid"], use_mem_rope=False,
-                               max_position_embeddings=4096, **common)
+    cfg = _cache_family_config(tf, family, common)
+    if cfg is not None:
+        return cfg
+    if family == "mistral_swa":  # sliding-window attention: runs on the token-replay fallback
+        return tf.MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                intermediate_size=64, sliding_window=16, max_position_embeddings=4096, **common)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
-#: Families with an exact-state backend, and families that run on the replay fallback.
+def _cache_family_config(tf: Any, family: str, common: dict[str, Any]) -> Any:
+    """The families run on transformers' own cache objects (``backends/hf_cache.py``):
+    each mixes its kinds of layers (recurrent first, then attention) in two or three layers."""
+    mamba2 = dict(mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8, mamba_chunk_size=16)
+    attn = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                max_position_embeddings=4096)
+    if family == "llama":  # a plain transformer: keys and values are its whole state
+        return tf.LlamaConfig(num_hidden_layers=2, **attn, **common)
+    if family == "granitemoehybrid":  # Granite-4.0-H: Mamba-2 + attention, MoE MLPs
+        return tf.GraniteMoeHybridConfig(num_hidden_layers=2, layer_types=["mamba", "attention"], num_local_experts=2,
+                                         num_experts_per_tok=1, shared_intermediate_size=32,
+                                         position_embedding_type="rope", **mamba2, **attn, **common)
+    if family == "nemotron_h":  # Nemotron-H: Mamba-2, attention and MLP-only layers
+        return tf.NemotronHConfig(layers_block_type=["mamba", "attention", "mlp"], head_dim=16, ssm_state_size=8,
+                                  mamba_num_heads=4, mamba_head_dim=16, n_groups=1, chunk_size=16, **attn, **common)
+    if family == "bamba":
+        return tf.BambaConfig(num_hidden_layers=2, attn_layer_indices=[1], **mamba2, **attn, **common)
+    if family == "zamba2":  # Mamba-2 layers and a shared attention block
+        return tf.Zamba2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                               mamba_d_state=8, mamba_headdim=8, n_mamba_heads=8, attention_head_dim=16,
+                               intermediate_size=64, layers_block_type=["mamba", "hybrid"], use_mem_rope=False,
+                               chunk_size=16, max_position_embeddings=4096, **common)
+    if family == "falcon_h1":  # attention and Mamba-2 side by side in every layer
+        return tf.FalconH1Config(num_hidden_layers=2, mamba_d_ssm=32, **{**mamba2, "mamba_d_head": 8}, **attn, **common)
+    if family == "jamba":  # Mamba-1 + attention, MoE MLPs
+        return tf.JambaConfig(num_hidden_layers=2, num_experts=2, num_experts_per_tok=1, expert_layer_period=2,
+                              expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8,
+                              **attn, **common)
+    if family == "qwen3_next":  # gated DeltaNet (linear attention) + gated attention, MoE MLPs
+        return tf.Qwen3NextConfig(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], head_dim=16,
+                                  linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                                  linear_num_value_heads=4, moe_intermediate_size=32,
+                                  shared_expert_intermediate_size=32, num_experts=2, num_experts_per_tok=1,
+                                  **attn, **common)
+    if family == "lfm2":  # gated short convolutions + attention
+        return tf.Lfm2Config(num_hidden_layers=2, layer_types=["conv", "full_attention"], block_multiple_of=16,
+                             **attn, **common)
+    if family == "xlstm":  # purely recurrent (mLSTM); its config rounds head sizes up to 64
+        return tf.xLSTMConfig(hidden_size=64, num_hidden_layers=2, num_heads=2, qk_dim_factor=1.0, chunk_size=16,
+                              ffn_round_up_to_multiple_of=16, **common)
+    return None
+
+
+#: Families with an exact-state backend of their own; families run from transformers' own
+#: cache objects (exact states that include attention keys); families on the replay fallback.
 EXACT_FAMILIES = ("mamba", "falcon_mamba", "mamba2", "rwkv", "recurrent_gemma")
-FALLBACK_FAMILIES = ("llama", "zamba2")
-FAMILIES = EXACT_FAMILIES + FALLBACK_FAMILIES
+CACHE_FAMILIES = ("granitemoehybrid", "nemotron_h", "bamba", "zamba2", "falcon_h1", "jamba", "qwen3_next", "lfm2",
+                  "xlstm", "llama")
+FALLBACK_FAMILIES = ("mistral_swa",)
+FAMILIES = EXACT_FAMILIES + CACHE_FAMILIES + FALLBACK_FAMILIES
 
 
 def tiny_model(family: str, seed: int = 0, sharpen: float = 8.0) -> tuple[Any, Any]:

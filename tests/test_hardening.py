@@ -163,7 +163,7 @@ def test_lone_surrogates_are_an_input_error(load_lm, where) -> None:
 
 
 def test_replay_usage_counts_no_cached_chunks_on_a_first_call(load_lm) -> None:
-    sel = OPRMSelector(load_lm("llama"), chunk_tokens=24)
+    sel = OPRMSelector(load_lm("mistral_swa"), chunk_tokens=24)  # sliding-window attention: replay
     res = sel.select(QUESTION, "The code of alpha is 1234. Mamba models keep a fixed size state. " * 4)
     assert res.usage.chunks > 1 and res.usage.cached_chunks == 0
     assert res.usage.input_tokens == res.usage.nominal_input_tokens  # replay runs every [P, C, Q] in full

@@ -50,7 +50,7 @@ def test_the_registry_loads_once_and_shares(model_dir):
 
 def test_replay_fallback_is_announced_once(model_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="oprm_rag"):
-        RecurrentLM.from_pretrained(model_dir("zamba2"))
+        RecurrentLM.from_pretrained(model_dir("mistral_swa"))  # sliding-window attention: replay
     assert "cannot be continued exactly" in caplog.text and "full prefill" in caplog.text
 
 

@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from oprm_rag import OPRMSelector, RecurrentLM
 from oprm_rag.backends.replay import ReplayBackend
-from oprm_rag.testing import tiny_tokenizer
+from oprm_rag.testing import FALLBACK_FAMILIES, tiny_tokenizer
 
 
 class DecayConfig(PretrainedConfig):
@@ -148,7 +148,7 @@ def test_answer_works_and_is_the_same_whatever_the_cache(style):
     assert [c.entropy for c in got.chunks] == pytest.approx([c.entropy for c in ref.chunks], abs=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "zamba2"])
+@pytest.mark.parametrize("family", FALLBACK_FAMILIES)
 def test_transformers_caches_continue_under_their_current_name(load_lm, family):
     import warnings
 

@@ -14,6 +14,7 @@ __all__ = ["Backend", "DecodeSession", "ForwardOutput", "backend_for", "backend_
 
 def backend_classes() -> list[type[Backend]]:
     """Exact backends first; the token-replay fallback last."""
+    from .hf_cache import CacheBackend
     from .mamba import MambaBackend
     from .mamba2 import Mamba2Backend
     from .recurrent_gemma import RecurrentGemmaBackend
@@ -23,7 +24,7 @@ def backend_classes() -> list[type[Backend]]:
     from .rwkv7 import Rwkv7Backend
 
     return [MambaBackend, Mamba2Backend, RwkvBackend, Rwkv6Backend, Rwkv7Backend, RecurrentGemmaBackend,
-            ReplayBackend]
+            CacheBackend, ReplayBackend]
 
 
 def backend_for(model: Any, kernels: str = "auto", mitigation: "CollapseMitigation | None" = None) -> Backend:

@@ -73,6 +73,9 @@ class Backend(ABC):
     #: from any state: padded positions leave the state untouched. Otherwise the
     #: scheduler only batches sequences of equal length.
     supports_left_padding: bool = False
+    #: True when the state holds attention keys at absolute positions (a transformer, a
+    #: hybrid): the model then has a position limit, and its state grows with the chunk.
+    positional: bool = False
 
     def __init__(self, model: Any, kernels: str = "auto") -> None:
         if kernels not in KERNEL_CHOICES:
@@ -123,8 +126,9 @@ class Backend(ABC):
     def empty_state(self, batch_size: int = 1) -> RecurrentState:
         """The state before any token."""
 
-    def state_nbytes(self) -> int:
-        """Bytes of one sequence's state (0 when the state grows with the text)."""
+    def state_nbytes(self, tokens: int = 0) -> int:
+        """Bytes of one sequence's state after ``tokens`` tokens (fixed-size states ignore
+        ``tokens``; states with attention keys grow with them; 0 for the token replay)."""
         return self.empty_state(1).nbytes
 
     def check_state(self, state: RecurrentState, batch_size: int) -> RecurrentState:

@@ -77,8 +77,12 @@ class ReplayBackend(Backend):
     exact_continuation = False
 
     def __init__(self, model: Any, kernels: str = "auto") -> None:
+        from .hf_cache import why_not_exact
+
         super().__init__(model, kernels)
         self._accepts = _accepted_kwargs(model)
+        #: Why this model is not run from stored states (logged once when it is loaded).
+        self.reason = why_not_exact(model)
 
     @classmethod
     def handles(cls, model: Any) -> bool:
@@ -91,7 +95,7 @@ class ReplayBackend(Backend):
             "tokens": torch.zeros(batch_size, 0, dtype=torch.long, device=dev),
         })
 
-    def state_nbytes(self) -> int:
+    def state_nbytes(self, tokens: int = 0) -> int:
         return 0
 
     def call(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
