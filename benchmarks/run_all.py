@@ -8,7 +8,8 @@ import sys
 import time
 
 BENCHMARKS = ["exactness", "mamba1_scan", "follow_up", "oprm_vs_plain", "memory", "associative_recall", "state_collapse",
-              "peers", "handoff", "served", "decode", "rwkv67_follow_up"]
+              "peers", "handoff", "served", "decode", "rwkv67_follow_up",
+              "hybrid_follow_up"]
 
 
 def main() -> None:

@@ -11,6 +11,13 @@ chosen size is capped by the context the model was trained on (its folder's
 model has seen. Outside the law's range (tiny states give T_forget <= 0) the training
 length alone decides; with neither, the paper's 2K default. The choice and the reason
 are logged, and an explicit ``chunk_tokens=`` always overrides this.
+
+Attention layers (a hybrid's, or a plain transformer's) are not recurrent memory: they
+keep every token of the chunk, so they never overflow within it, and they do not count
+in N_S. What they change is a chunk state's size, which grows with the chunk (fixed
+recurrent part + bytes per token x (|P| + chunk)): "auto" still picks the size from the
+recurrent state and the training length, and the cache and batch budgets are planned
+with the state's bytes at that size (``Backend.state_nbytes(tokens)``).
 """
 
 from __future__ import annotations

@@ -159,3 +159,15 @@ def test_rwkv67_follow_up_quick(tmp_path):
         assert row["same_answer_as_uncached"] is True and row["cached_chunks"] == row["chunks"]
         assert row["follow_up_embedded_fraction_of_doc"] < 0.5  # the document is not embedded again
         assert _finite(row["speedup_vs_first"], row["speedup_vs_uncached"], row["state_bytes_per_chunk"])
+
+
+def test_hybrid_follow_up_quick(tmp_path):
+    from oprm_rag.testing import CACHE_FAMILIES
+
+    data = _run("hybrid_follow_up", tmp_path)
+    assert [r["family"] for r in data["families"]] == list(CACHE_FAMILIES)
+    for row in data["families"]:
+        assert row["backend"] == "CacheBackend" and row["cached_chunks"] == row["chunks"]
+        assert row["same_answer_as_replay"] is True  # the cached follow-up answers as the replay does
+        assert row["follow_up_embedded_fraction_of_doc"] < 0.5  # the document is not embedded again
+        assert _finite(row["speedup_vs_first"], row["speedup_vs_replay"], row["state_bytes_per_chunk"])
