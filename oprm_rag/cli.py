@@ -54,11 +54,23 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="the web QA page (its options: oprm-rag serve --help)", add_help=False)
     demo = sub.add_parser("demo", help="plain inference against OPRM on the shipped model")
     add_model_args(demo)
-    demo.add_argument("--facts", type=positive_int, default=96, help="facts hidden in the demo document")
+    demo.add_argument("--facts", type=_demo_facts, default=96,
+                      help=f"facts hidden in the demo document ({_DEMO_FACTS[0]} to {_DEMO_FACTS[1]:,})")
     demo.add_argument("--seed", type=int, default=7)
     for module in ("oprm_rag.gguf_export", "oprm_rag.eval.cli"):
         _add_plugin(sub, module)
     return parser
+
+
+#: ``demo --facts``: enough for a tally, few enough to build in seconds.
+_DEMO_FACTS = (2, 20_000)
+
+
+def _demo_facts(value: str) -> int:
+    n = positive_int(value)
+    if not _DEMO_FACTS[0] <= n <= _DEMO_FACTS[1]:
+        raise argparse.ArgumentTypeError(f"expected {_DEMO_FACTS[0]} to {_DEMO_FACTS[1]:,} facts, got {n}")
+    return n
 
 
 _PLUGINS: dict[str, str] = {}
@@ -268,6 +280,9 @@ def _main(argv: list[str]) -> int:
             if args.base_url:
                 raise CLIError("the demo runs a model in this process (it shows its state size and plain "
                                "inference beside OPRM); drop --base-url, or use `oprm-rag ask --base-url`", EXIT_USAGE)
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # the loader's bar would stay on screen above the results
             return run_demo(_engine(args).lm, facts=args.facts, seed=args.seed)
         return {"ask": _cmd_ask, "chat": _cmd_chat, "inspect": _cmd_inspect}[args.command](args)
 
