@@ -325,3 +325,15 @@ def test_a_hub_name_in_the_hf_cache_loads_natively(tmp_path):
     lm = RecurrentLM.from_pretrained("fla-hub/rwkv7-tiny", cache_dir=str(tmp_path / "hub"))
     assert lm.family == "rwkv7" and lm.backend.exact_continuation
     assert lm.model.config.source_format == "fla"
+
+
+@pytest.mark.parametrize("version", [6, 7])
+def test_bfloat16_runs_with_float32_wkv_states(version, tmp_path):
+    """Releases ship bfloat16: the model runs in it, the WKV states stay float32."""
+    pth = save_rwkv_pth(tmp_path, version, layers=2, hidden=64, head_size=32, vocab=300, seed=3)
+    ids = ids_for(2, 16, seed=8) % 300
+    full = backend_for(load_rwkv(pth, dtype=torch.float32)[0]).forward(ids, all_logits=True)
+    half = backend_for(load_rwkv(pth, dtype=torch.bfloat16)[0]).forward(ids, all_logits=True)
+    assert half.state.tensors["att_shift.0"].dtype == torch.bfloat16 and half.state.tensors["wkv.0"].dtype == torch.float32
+    assert torch.isfinite(half.logits).all()
+    assert err(half.logits, full.logits) < 0.1 * full.logits.abs().max().item()  # bfloat16 rounding, no more

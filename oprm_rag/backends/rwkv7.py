@@ -75,7 +75,7 @@ class Rwkv7Backend(NativeRwkvBackend):
         heads = (bsz, t, h, n)
         y, new_wkv = wkv7_scan(r.view(heads), w.view(heads), kw.view(heads), v.view(heads), a.view(heads),
                                b.view(heads), wkv)
-        y = group_norm_heads(y.reshape(bsz, t, c).to(x.dtype), h, att.ln_x.weight, att.ln_x.bias, self.ln_x_eps)
+        y = group_norm_heads(y.reshape(bsz, t, c), h, att.ln_x.weight, att.ln_x.bias, self.ln_x_eps).to(x.dtype)
         bonus = (r * k * att.r_k.reshape(-1)).view(heads).sum(dim=-1, keepdim=True) * v.view(heads)
         y = y + bonus.view(bsz, t, c)
         return F.linear(y * g, att.output.weight), new_wkv

@@ -141,9 +141,11 @@ token_shift = RwkvBackend._shift
 
 def group_norm_heads(y: torch.Tensor, heads: int, weight: torch.Tensor, bias: torch.Tensor,
                      eps: float) -> torch.Tensor:
-    """``ln_x``: a GroupNorm with one group per head over y [b, t, c] (as BlinkDL's)."""
+    """``ln_x``: a GroupNorm with one group per head over y [b, t, c] (as BlinkDL's), in
+    float32 whatever the weights' dtype (the WKV output is float32); returns float32."""
     b, t, c = y.shape
-    return F.group_norm(y.reshape(b * t, c), heads, weight.reshape(-1), bias.reshape(-1), eps).view(b, t, c)
+    return F.group_norm(y.float().reshape(b * t, c), heads, weight.float().reshape(-1), bias.float().reshape(-1),
+                        eps).view(b, t, c)
 
 
 def _ln(node: nn.Module, x: torch.Tensor, eps: float) -> torch.Tensor:
