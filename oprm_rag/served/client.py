@@ -812,6 +812,20 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dup
 
 
+def _duplicate_key(obj: Any) -> str | None:
+    """A key that some JSON object inside ``obj`` had twice, or None."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Pairs):
+            return item.duplicates[0]
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
 def _loads(text: str, where: str) -> Any:
     try:
         return json.loads(text, object_pairs_hook=_object)
@@ -852,27 +866,35 @@ def _parse_scored(data: Any, where: str) -> Scored:
     if not isinstance(lp, dict):
         raise missing
     server = f"the server at {where}"
+    twice = _duplicate_key(choice)
+    if twice is not None:
+        raise _impossible(server, f"the key {clip(twice, 60)!r} twice in one JSON object (a top list with a token "
+                                  "twice, or an entry with two values: which one counts?)")
     try:
         ids: list[int] | None
         if isinstance(lp.get("content"), list):  # llama.cpp: [{id, token, logprob, top_logprobs: [{id, ...}]}]
             if not lp["content"] or not isinstance(lp["content"][0], dict):
                 raise missing
             tops = lp["content"][0].get("top_logprobs") or []
-            tops = [t for t in tops if isinstance(t, dict) and "logprob" in t]
-            if not tops:
+            if not isinstance(tops, list) or not tops:
                 raise missing
+            if not all(isinstance(t, dict) and "logprob" in t for t in tops):
+                raise ValueError("a top_logprobs entry without a logprob")
             values = [_logprob(t["logprob"]) for t in tops]
-            ids = [_token_id(t["id"]) for t in tops] if all("id" in t for t in tops) else None
+            with_id = sum("id" in t for t in tops)
+            if 0 < with_id < len(tops):
+                raise ValueError(f"{with_id} of {len(tops)} top_logprobs entries have an id")
+            ids = [_token_id(t["id"]) for t in tops] if with_id else None
             pieces = [_piece(t) for t in tops]
         elif isinstance(lp.get("top_logprobs"), list):  # OpenAI legacy / vLLM: [{token: logprob}]
             first = lp["top_logprobs"][0] if lp["top_logprobs"] else None
             if not isinstance(first, dict) or not first:
                 raise missing
-            if isinstance(first, _Pairs):
-                raise _impossible(server, f"token {clip(first.duplicates[0], 60)!r} twice in one top list")
             items = list(first.items())
             values = [_logprob(v) for _, v in items]
             keyed = [k.startswith("token_id:") and k[9:].lstrip("-").isdigit() for k, _ in items]
+            if any(keyed) and not all(keyed):
+                raise ValueError(f"{sum(keyed)} of {len(keyed)} top tokens keyed token_id:N, the rest by text")
             ids = [int(k[9:]) for k, _ in items] if all(keyed) else None
             pieces = ["" if ids is not None else k for k, _ in items]
         else:

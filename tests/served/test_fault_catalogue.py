@@ -125,7 +125,33 @@ def test_duplicate_keys_in_a_vllm_top_list_are_seen() -> None:
         return text.replace(f'"{first}": ', f'"{first}": -0.01, "{first}": ', 1)
 
     with FakeServer(Behaviour(dialect="vllm", rewrite=dup)) as srv:
-        with pytest.raises(ImpossibleLogprobsError, match="twice in one top list"):
+        with pytest.raises(ImpossibleLogprobsError, match="twice in one JSON object"):
+            _select(srv)
+
+
+def test_a_key_twice_inside_an_entry_is_seen() -> None:
+    def dup(body: dict, answer: dict) -> str:
+        return json.dumps(answer).replace('{"id": ', '{"id": 7, "id": ', 3)
+
+    with FakeServer(Behaviour(rewrite=dup)) as srv:
+        with pytest.raises(ImpossibleLogprobsError, match="'id' twice in one JSON object"):
+            _select(srv)
+
+
+def _entry_without_logprob(body: dict, answer: dict) -> dict:
+    del _top(answer)[4]["logprob"]
+    return answer
+
+
+def _some_ids_missing(body: dict, answer: dict) -> dict:
+    del _top(answer)[4]["id"]
+    return answer
+
+
+@pytest.mark.parametrize("rewrite", [_entry_without_logprob, _some_ids_missing], ids=["no-logprob", "mixed-ids"])
+def test_a_malformed_entry_is_not_dropped_silently(rewrite: Any) -> None:
+    with FakeServer(Behaviour(rewrite=rewrite)) as srv:
+        with pytest.raises(ServerResponseError, match="unreadable log-probabilities"):
             _select(srv)
 
 
