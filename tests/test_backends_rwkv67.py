@@ -156,6 +156,11 @@ def test_wkv6_chunk_size_does_not_change_the_result():
     log_w = -torch.exp(torch.randn(b, t, h, n, generator=g) * 3)
     u, s0 = torch.randn(h, n, generator=g), torch.randn(b, h, n, n, generator=g)
     want_out, want_state = wkv6_chunked(r, k, v, log_w, u, s0, chunk=1)  # one token a step: the recurrence
+    one_by_one, state = [], s0
+    for t in range(45):  # the single-token path
+        out, state = wkv6_chunked(r[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], log_w[:, t:t + 1], u, state)
+        one_by_one.append(out)
+    assert err(torch.cat(one_by_one, 1), want_out) < 1e-4 and err(state, want_state) < 1e-4
     for chunk in (4, 16, 32):
         out, state = wkv6_chunked(r, k, v, log_w, u, s0, chunk=chunk)
         assert err(out, want_out) < 1e-4 and err(state, want_state) < 1e-4

@@ -39,6 +39,12 @@ def wkv6_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_w: torch
     outputs [b, t, h, n] and the new state.
     """
     b, t, h, n = r.shape
+    if t == 1:  # one token (decoding): BlinkDL's recurrence, a handful of ops
+        r, k, v = r[:, 0].float(), k[:, 0].float(), v[:, 0].float()
+        kv = k[..., None] * v[..., None, :]  # [b, h, key, value]
+        s = state.float()
+        out = (r[..., None, :] @ (u.float()[..., None] * kv + s))[:, None, :, 0]
+        return out, kv + torch.exp(log_w[:, 0].float())[..., None] * s
     r, k, v, log_w = (z.float().transpose(1, 2) for z in (r, k, v, log_w))  # [b, h, t, n]
     u = u.float().reshape(1, h, 1, n)
     if chunk is None:
