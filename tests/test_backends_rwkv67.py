@@ -342,3 +342,24 @@ def test_bfloat16_runs_with_float32_wkv_states(version, tmp_path):
     assert half.state.tensors["att_shift.0"].dtype == torch.bfloat16 and half.state.tensors["wkv.0"].dtype == torch.float32
     assert torch.isfinite(half.logits).all()
     assert err(half.logits, full.logits) < 0.1 * full.logits.abs().max().item()  # bfloat16 rounding, no more
+
+
+def test_disk_tier_round_trip_gives_the_same_answer(public, tmp_path):
+    """Chunk states written to disk by one selector serve another (a new process's view)."""
+    from oprm_rag import OPRMSelector
+
+    try:
+        from oprm_rag.storage.cache import DocumentStateCache
+    except ImportError:  # before the storage package (issue #20)
+        from oprm_rag.cache import DocumentStateCache
+
+    lm, _ = public
+    want = OPRMSelector(lm, chunk_tokens=24, cache=False).answer(QUESTION, DOCS[:1], max_new_tokens=4)
+    OPRMSelector(lm, chunk_tokens=24, cache=DocumentStateCache(directory=tmp_path)).select("Which code?", DOCS[:1])
+    assert list(tmp_path.glob("*/*.safetensors"))
+    reader = OPRMSelector(lm, chunk_tokens=24, cache=DocumentStateCache(directory=tmp_path))
+    got = reader.answer(QUESTION, DOCS[:1], max_new_tokens=4)
+    assert reader.cache.stats()["disk_hits"] == 1 and reader.cache.stats()["misses"] == 0
+    assert got.text == want.text and got.usage.cached_chunks == got.usage.chunks
+    assert len(got.chunks) == len(want.chunks)
+    assert all(abs(a.entropy - b.entropy) < 1e-5 for a, b in zip(got.chunks, want.chunks))
