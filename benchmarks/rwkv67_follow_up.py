@@ -31,7 +31,10 @@ from benchmarks.common import parser, write
 
 def _version(version: int, doc_tokens: int, chunk: int, repeat: int, size: dict, folder: Path) -> dict:
     from oprm_rag import OPRMSelector, RecurrentLM
-    from oprm_rag.storage.cache import DocumentStateCache
+    try:
+        from oprm_rag.storage.cache import DocumentStateCache
+    except ImportError:  # before the storage package (issue #20)
+        from oprm_rag.cache import DocumentStateCache
     from oprm_rag.rwkv_testing import save_rwkv_pth
 
     path = save_rwkv_pth(folder / f"v{version}", version, **size)
