@@ -47,7 +47,7 @@ class MambaBackend(SSMBackboneBackend):
     def _mixer(self, i: int, mixer: Any, hidden: torch.Tensor, step: StepInput,
                use_kernel: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         dtype, mask = hidden.dtype, step.mask
-        xz = mixer.in_proj(hidden)  # [b, t, 2d]
+        xz = self.proj(mixer.in_proj)(hidden)  # [b, t, 2d]
         x_tm, new_conv = self._conv(i, mixer, xz[..., :self.d_inner], step, use_kernel)
         dt, B, C = torch.split(mixer.x_proj(x_tm), [mixer.time_step_rank, self.d_state, self.d_state], dim=-1)
         if hasattr(mixer, "b_layernorm"):  # Falcon-Mamba
@@ -66,7 +66,7 @@ class MambaBackend(SSMBackboneBackend):
         else:
             y, new_ssm = selective_scan_time_major(x_tm, dt, A, B, C, mixer.D, xz[..., self.d_inner:],
                                                    mixer.dt_proj.bias, h0, pad_left=step.pad_left)
-        out = mixer.out_proj(y.to(dtype))
+        out = self.proj(mixer.out_proj)(y.to(dtype))
         return out, {f"conv.{i}": new_conv, f"ssm.{i}": new_ssm}
 
     def _conv(self, i: int, mixer: Any, x: torch.Tensor, step: StepInput,
@@ -80,7 +80,8 @@ class MambaBackend(SSMBackboneBackend):
     def _mixer_constants(self, i: int, mixer: Any) -> dict[str, Any]:
         falcon = hasattr(mixer, "b_layernorm")
         return {
-            "in_proj": linear_fn(mixer.in_proj), "out_proj": linear_fn(mixer.out_proj), "x_proj": linear_fn(mixer.x_proj),
+            "in_proj": self.step_proj(mixer.in_proj), "out_proj": self.step_proj(mixer.out_proj),
+            "x_proj": linear_fn(mixer.x_proj),
             "conv_w": mixer.conv1d.weight[:, 0, :], "conv_b": mixer.conv1d.bias, "act": act_fn(mixer.act),
             "norms": tuple(rms_norm_fn(m) for m in (mixer.dt_layernorm, mixer.b_layernorm, mixer.c_layernorm))
             if falcon else None,

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..kernels.ssd import NEUTRAL, SSDParams, discretise_dt, ssd_scan, ssd_step, ssd_window_scan
-from ..kernels.step import act_fn, conv_step, is_silu, linear_fn
+from ..kernels.ssd import CPU_CHUNK, NEUTRAL, SSDParams, discretise_dt, ssd_scan, ssd_step, ssd_window_scan
+from ..kernels.step import act_fn, conv_step, is_silu
 from .base import StepInput, causal_conv_time_major
 from .ssm_backbone import SSMBackboneBackend
 
@@ -64,7 +64,7 @@ class Mamba2Backend(SSMBackboneBackend):
                use_kernel: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         b, t, _ = hidden.shape
         dtype, mask, tensors = hidden.dtype, step.mask, step.state.tensors
-        gate, xbc, dt = mixer.in_proj(hidden).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
+        gate, xbc, dt = self.proj(mixer.in_proj)(hidden).split([self.d_inner, self.conv_dim, self.heads], dim=-1)
         xbc, new_conv = self._conv(i, mixer, xbc, step, use_kernel)
         new = {f"conv.{i}": new_conv}
         gn = self.groups * self.d_state
@@ -88,11 +88,11 @@ class Mamba2Backend(SSMBackboneBackend):
                 y, h = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], h0.float(), self.ssd_params)
                 y = y[:, None]
             else:
-                y, h = ssd_scan(x, dt, A, B, C, h0, self.chunk_size, self.ssd_params)
+                y, h = self._scan_cpu(x, dt, A, B, C, h0)
             new[f"ssm.{i}"] = h
         y = y + x.float() * mixer.D.float()[:, None]
         y = mixer.norm(y.reshape(b, t, self.d_inner), gate)
-        return mixer.out_proj(y.to(dtype)), new
+        return self.proj(mixer.out_proj)(y.to(dtype)), new
 
     # ------------------------------------------------------------------ single-token path
     def _mixer_constants(self, i: int, mixer: Any) -> dict[str, Any]:
@@ -101,7 +101,7 @@ class Mamba2Backend(SSMBackboneBackend):
         lo, hi = (float(v) for v in mixer.time_step_limit)
         return {
             "native": self._native_step(mixer, group, (lo, hi)),
-            "in_proj": linear_fn(mixer.in_proj), "out_proj": linear_fn(mixer.out_proj),
+            "in_proj": self.step_proj(mixer.in_proj), "out_proj": self.step_proj(mixer.out_proj),
             "conv_w": mixer.conv1d.weight[:, 0, :], "conv_b": mixer.conv1d.bias, "act": act_fn(mixer.act),
             "dt_bias": mixer.dt_bias.float(), "clamp": (lo, hi) if (lo > 0.0 or hi != float("inf")) else None,
             "A": -torch.exp(mixer.A_log.float()),
@@ -181,6 +181,25 @@ class Mamba2Backend(SSMBackboneBackend):
         one C pass (``kernels/native.py``) with no transposes; else conv1d."""
         return causal_conv_time_major(xbc, step.state.tensors[f"conv.{i}"], mixer.conv1d, mixer.act,
                                       self._silu[i], step.mask, step.pad_left, use_kernel)
+
+    def _scan_cpu(self, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                  h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scan off CUDA: the recurrence in C where the native kernels are built (the
+        fastest form on a CPU: each head's state stays in L1, see ``oprm_mamba2_scan_tm``),
+        else the chunked torch scan with chunks of at most :data:`CPU_CHUNK` tokens."""
+        b, t, heads, p = x.shape
+        params = self.ssd_params
+        if (x.device.type == "cpu" and not params.normalize_state and x.dtype == torch.float32
+                and B.dtype == torch.float32 and C.dtype == torch.float32):
+            from ..kernels import native
+
+            h = h0.float().clone(memory_format=torch.contiguous_format)  # the given state is never modified
+            y = native.mamba2_scan_tm(x.reshape(b, t, heads * p), dt, A, B.reshape(b, t, -1), C.reshape(b, t, -1), h,
+                                      params.alpha_scale, params.b_scale)
+            if y is not None:
+                return y.view(b, t, heads, p), h
+        chunk = self.chunk_size if x.device.type == "cuda" else min(self.chunk_size, CPU_CHUNK)
+        return ssd_scan(x, dt, A, B, C, h0, chunk, params)
 
     def _scan_cuda(self, x, dt, A, B, C, h0):  # pragma: no cover - needs CUDA and mamba-ssm
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from ..kernels.step import embedding_fn, linear_fn, rms_norm_fn
+from ..kernels.precision import MatmulPrecision, linear_for, resolve_matmul_dtype
+from ..kernels.step import embedding_fn, rms_norm_fn, step_linear
 from ..state import RecurrentState
 from ..threads import intra_op_threads
 from .base import Backend, ForwardOutput, StepInput, StepSession, call_threads
@@ -26,6 +27,39 @@ class SSMBackboneBackend(Backend):
     def __init__(self, model: Any, kernels: str = "auto") -> None:
         super().__init__(model, kernels)
         self.backbone = model.backbone
+        self.precision = MatmulPrecision()  # float32 projections: exact (see set_matmul_dtype)
+        self._projections: dict[tuple[int, str], Any] = {}
+
+    # ------------------------------------------------------------------ projections
+    def set_matmul_dtype(self, value: Any) -> MatmulPrecision:
+        """Run the projections in ``value`` ("bfloat16", "auto", "float32" or None; see
+        :mod:`oprm_rag.kernels.precision`); returns what it resolved to here."""
+        self.precision = resolve_matmul_dtype(value, self.device, self.dtype)
+        self._projections.clear()
+        return self.precision
+
+    def proj(self, module: Any) -> Any:
+        """``module`` as the forward pass runs it: itself, or a bf16 copy (made once)."""
+        if self.precision.prefill is None:
+            return module
+        key = (id(module), "prefill")
+        fn = self._projections.get(key)
+        if fn is None:
+            fn = self._projections[key] = linear_for(module, self.precision.prefill)
+        return fn
+
+    def step_proj(self, module: Any) -> Any:
+        """``module`` as a decode step runs it (``kernels.step.step_linear``), made once per
+        backend: a bf16 copy of the weights is not remade for every session."""
+        key = (id(module), "step")
+        fn = self._projections.get(key)
+        if fn is None:
+            fn = self._projections[key] = step_linear(module, self.precision.step)
+        return fn
+
+    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.get_output_embeddings()
+        return self.proj(head)(hidden.to(head.weight.dtype)).float()
 
     def _require_cuda_kernels(self) -> None:
         try:
@@ -101,7 +135,7 @@ class SSMBackboneBackend(Backend):
             "layers": [(rms_norm_fn(layer.norm), layer.norm.weight.dtype, bool(layer.residual_in_fp32),
                         self._mixer_constants(i, layer.mixer)) for i, layer in enumerate(layers)],
             "norm_f": rms_norm_fn(self.backbone.norm_f),
-            "head": linear_fn(head),
+            "head": self.step_proj(head),
             "head_dtype": head.weight.dtype,
         }
 

@@ -402,3 +402,148 @@ int oprm_mamba2_step(int64_t b, int64_t heads, int64_t p, int64_t n, int64_t g, 
     }
     return 0;
 }
+
+/*
+ * Mamba-2 (SSD) scan over time-major input, as the recurrence itself: for each
+ * (batch row, head, block of rows_per_unit state rows) unit, h <- exp(dt A) h + dt x B^T
+ * and y = h C, one token at a time. A state row (one of the head's p channels) depends on
+ * nothing but its own channel, so a head splits into independent blocks: many more units
+ * than heads, which keeps every thread busy on a many-core machine.
+ *
+ * Why not the chunked matrix form on CPU: per token and head the recurrence is p*n
+ * multiply-adds for the update and p*n for the output, with the head's [p, n] state
+ * (32 KB at p=64, n=128) kept in L1 for the whole sequence; the chunked form does the
+ * same O(p n) work as small matrix products (K = chunk length) plus O(L) work on L x L
+ * decay matrices, and writes them all to memory. Units are independent, so Python runs
+ * disjoint unit ranges [start, stop) on several threads.
+ *
+ * x: [b, t, heads*p]; dt: [b, t, heads] (discretised: softplus, clamp, pads 0); A: [heads];
+ * B, C: [b, t, g*n] (heads of a group share them); all with unit last stride and the
+ * given batch/time strides. h: [b, heads, p, n] contiguous, updated in place.
+ * y: [b, t, heads*p] with the given strides (no D skip, no gate). alpha_scale and b_scale
+ * are the Stuffed-Mamba scales (1: none); alpha applies on steps with dt > 0 only.
+ */
+OPRM_CLONES
+int oprm_mamba2_scan_tm(int64_t b, int64_t t, int64_t heads, int64_t p, int64_t n, int64_t g,
+                        const float *x, int64_t x_bs, int64_t x_ts, const float *dt, int64_t dt_bs, int64_t dt_ts,
+                        const float *A, const float *B, int64_t b_bs, int64_t b_ts,
+                        const float *C, int64_t c_bs, int64_t c_ts, float alpha_scale, float b_scale,
+                        float *h, float *y, int64_t y_bs, int64_t y_ts, int64_t rows_per_unit,
+                        int64_t unit_start, int64_t unit_stop) {
+    (void)b;
+    if (g < 1 || heads % g != 0 || rows_per_unit < 1) return -1;
+    const int64_t hpg = heads / g, blocks = (p + rows_per_unit - 1) / rows_per_unit;
+    for (int64_t u = unit_start; u < unit_stop; u++) {
+        const int64_t bi = u / (heads * blocks), hh = (u / blocks) % heads, gi = hh / hpg;
+        const int64_t p0 = (u % blocks) * rows_per_unit, p1 = p0 + rows_per_unit < p ? p0 + rows_per_unit : p;
+        float *state = h + (bi * heads + hh) * p * n;
+        const float a = A[hh];
+        for (int64_t s = 0; s < t; s++) {
+            const float d = dt[bi * dt_bs + s * dt_ts + hh];
+            float decay = oprm_expf(d * a);
+            if (alpha_scale != 1.0f && d > 0.0f) decay *= alpha_scale;
+            const float du = d * b_scale;
+            const float *xs = x + bi * x_bs + s * x_ts + hh * p;
+            const float *Bs = B + bi * b_bs + s * b_ts + gi * n;
+            const float *Cs = C + bi * c_bs + s * c_ts + gi * n;
+            float *ys = y + bi * y_bs + s * y_ts + hh * p;
+            for (int64_t pi = p0; pi < p1; pi++) {
+                float *hs = state + pi * n;
+                const float w = xs[pi] * du;
+                float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t k = 0; k < n; k++) {
+                    const float v = decay * hs[k] + w * Bs[k];
+                    hs[k] = v;
+                    acc += v * Cs[k];
+                }
+                ys[pi] = acc;
+            }
+        }
+    }
+    return 0;
+}
+
+/*
+ * y[bi, r] = W[r, :] . x[bi, :] (+ bias[r]) for rows [row_start, row_stop) of a [rows, k]
+ * weight with row stride ld, for nb input rows (x row stride xs, y row stride ys): a
+ * decode step's projections and LM head. At a few tokens a projection is one pass over
+ * its weights (memory-bound), so what matters is reading each weight once, at full
+ * bandwidth, on every core: a block of weight rows is read from memory once and reused
+ * from L1 for every input row. torch's bf16 matrix-vector product reads bf16 weights at
+ * a fraction of the bus speed, and its threads spin at a barrier per op. The bf16 variant
+ * widens each weight to float32 (a 16-bit shift, exact) and accumulates in float32: half
+ * the bytes of float32 weights, the same arithmetic on the widened values.
+ */
+OPRM_CLONES
+void oprm_gemv_f32(int64_t k, const float *W, int64_t ld, int64_t nb, const float *x, int64_t xs,
+                   const float *bias, float *y, int64_t ys, int64_t row_start, int64_t row_stop) {
+    int64_t r = row_start;
+    for (; r + 4 <= row_stop; r += 4) {
+        const float *w0 = W + r * ld, *w1 = w0 + ld, *w2 = w1 + ld, *w3 = w2 + ld;
+        for (int64_t bi = 0; bi < nb; bi++) {
+            const float *xb = x + bi * xs;
+            float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+            for (int64_t i = 0; i < k; i++) {
+                const float v = xb[i];
+                a0 += w0[i] * v; a1 += w1[i] * v; a2 += w2[i] * v; a3 += w3[i] * v;
+            }
+            float *yb = y + bi * ys;
+            yb[r] = a0 + (bias ? bias[r] : 0.0f); yb[r + 1] = a1 + (bias ? bias[r + 1] : 0.0f);
+            yb[r + 2] = a2 + (bias ? bias[r + 2] : 0.0f); yb[r + 3] = a3 + (bias ? bias[r + 3] : 0.0f);
+        }
+    }
+    for (; r < row_stop; r++) {
+        const float *w0 = W + r * ld;
+        for (int64_t bi = 0; bi < nb; bi++) {
+            const float *xb = x + bi * xs;
+            float a0 = 0.0f;
+#pragma omp simd reduction(+ : a0)
+            for (int64_t i = 0; i < k; i++) a0 += w0[i] * xb[i];
+            y[bi * ys + r] = a0 + (bias ? bias[r] : 0.0f);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) float oprm_bits_f(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* The bf16 rows are read as 32-bit pairs: the high half is the odd element, the low half
+ * (shifted up) the even one, against x split into its even and odd elements once per
+ * call: two integer ops and two multiply-adds per pair, all in 32-bit lanes, so it
+ * vectorises at float32 width without a widening shuffle. Needs k even, a 4-byte aligned
+ * W and k/2 <= OPRM_GEMV_PAIRS_MAX (the caller checks; returns -1 otherwise). */
+#define OPRM_GEMV_PAIRS_MAX 8192
+#define OPRM_GEMV_BATCH_MAX 16
+
+OPRM_CLONES
+int oprm_gemv_bf16(int64_t k, const uint16_t *W, int64_t ld, int64_t nb, const float *x, int64_t xs,
+                   const float *bias, float *y, int64_t ys, int64_t row_start, int64_t row_stop) {
+    if ((k & 1) || (ld & 1) || k / 2 > OPRM_GEMV_PAIRS_MAX || ((uintptr_t)W & 3) || nb > OPRM_GEMV_BATCH_MAX)
+        return -1;
+    const int64_t k2 = k / 2;
+    static __thread float xe[OPRM_GEMV_BATCH_MAX * OPRM_GEMV_PAIRS_MAX], xo[OPRM_GEMV_BATCH_MAX * OPRM_GEMV_PAIRS_MAX];
+    for (int64_t bi = 0; bi < nb; bi++)
+        for (int64_t j = 0; j < k2; j++) {
+            xe[bi * k2 + j] = x[bi * xs + 2 * j];
+            xo[bi * k2 + j] = x[bi * xs + 2 * j + 1];
+        }
+    for (int64_t r = row_start; r < row_stop; r++) {
+        const uint32_t *w0 = (const uint32_t *)(W + r * ld);
+        for (int64_t bi = 0; bi < nb; bi++) {
+            const float *e = xe + bi * k2, *o = xo + bi * k2;
+            float a0 = 0.0f, b0 = 0.0f;
+#pragma omp simd reduction(+ : a0, b0)
+            for (int64_t j = 0; j < k2; j++) {
+                a0 += oprm_bits_f(w0[j] << 16) * e[j];
+                b0 += oprm_bits_f(w0[j] & 0xFFFF0000u) * o[j];
+            }
+            y[bi * ys + r] = a0 + b0 + (bias ? bias[r] : 0.0f);
+        }
+    }
+    return 0;
+}

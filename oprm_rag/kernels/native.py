@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["library", "enabled", "build", "mamba1_scan_tm", "causal_conv_tm", "Mamba2Step", "native_exp",
-           "native_softplus", "parallel_rows", "BUILD_ERROR"]
+__all__ = ["library", "enabled", "build", "mamba1_scan_tm", "mamba2_scan_tm", "causal_conv_tm", "Mamba2Step",
+           "StepLinear", "native_exp", "native_softplus", "parallel_rows", "BUILD_ERROR"]
 
 logger = logging.getLogger("oprm_rag")
 
@@ -125,6 +126,13 @@ def _bind(lib: Any) -> Any:
     lib.oprm_mamba2_step.argtypes = [i64, i64, i64, i64, i64, i64, fp, i64, fp, fp, fp, fp, f32, f32, fp, fp, fp, fp,
                                      i64, f32, f32, f32, ctypes.c_int, fp, fp, i64, i64]
     lib.oprm_mamba2_step.restype = ctypes.c_int
+    lib.oprm_mamba2_scan_tm.argtypes = [i64, i64, i64, i64, i64, i64, fp, i64, i64, fp, i64, i64, fp, fp, i64, i64,
+                                        fp, i64, i64, f32, f32, fp, fp, i64, i64, i64, i64, i64]
+    lib.oprm_mamba2_scan_tm.restype = ctypes.c_int
+    for name in ("oprm_gemv_f32", "oprm_gemv_bf16"):
+        getattr(lib, name).argtypes = [i64, fp, i64, i64, fp, i64, fp, fp, i64, i64, i64]
+    lib.oprm_gemv_f32.restype = None
+    lib.oprm_gemv_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -193,6 +201,9 @@ def native_softplus(x: torch.Tensor) -> torch.Tensor:
     return _elementwise("oprm_softplus_buf", x)
 
 
+#: State rows (channels of a head) per unit of work in the Mamba-2 scan: a 130M-shaped
+#: layer (24 heads of 64) gives 96 units, enough to balance 16 threads.
+SCAN_ROWS_PER_UNIT = 16
 LANES = 16  # channels per block in the time-major scan (OPRM_LANES in the C file)
 MAX_STATE_TM = 256
 
@@ -279,6 +290,95 @@ def causal_conv_tm(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, b
 
     parallel_rows(blocks, run, threads, work_per_row=LANES * t * K)
     return out, new_state
+
+
+def mamba2_scan_tm(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   h: torch.Tensor, alpha_scale: float = 1.0, b_scale: float = 1.0,
+                   threads: int | None = None) -> torch.Tensor | None:
+    """The Mamba-2 (SSD) recurrence in C, time-major: ``x`` [b, t, heads*p], ``dt`` [b, t, heads]
+    (discretised; 0 on pads), ``B, C`` [b, t, g*n] (any batch and time strides, unit last
+    stride: views of the conv output are fine), ``A`` [heads], ``h`` [b, heads, p, n]
+    contiguous float32, updated in place to the final state. Returns ``y`` [b, t, heads*p]
+    float32 (no D skip, no gate), or None without the library."""
+    lib = library()
+    if lib is None:
+        return None
+    b, t, heads = dt.shape
+    p, n = h.shape[2], h.shape[3]
+    g = B.shape[-1] // n
+    if not (h.dtype == torch.float32 and h.is_contiguous() and h.device.type == "cpu" and h.shape[:2] == (b, heads)):
+        raise ValueError("mamba2_scan_tm updates h in place: it must be a contiguous float32 CPU tensor [b, heads, p, n]")
+    if x.shape != (b, t, heads * p) or B.shape != (b, t, g * n) or C.shape != B.shape or g < 1 or heads % g:
+        raise ValueError(f"mamba2_scan_tm: shapes x {tuple(x.shape)}, dt {tuple(dt.shape)}, B {tuple(B.shape)}, "
+                         f"C {tuple(C.shape)}, h {tuple(h.shape)} do not fit together")
+    A = A.float().contiguous()
+    y = torch.empty(b, t, heads * p, dtype=torch.float32)
+    args = [*_bt(x), *_bt(dt), A.data_ptr(), *_bt(B), *_bt(C), float(alpha_scale), float(b_scale), h.data_ptr(),
+            *_bt(y)]
+
+    rows = min(p, SCAN_ROWS_PER_UNIT)
+    blocks = -(-p // rows)
+
+    def run(start: int, stop: int) -> None:
+        if lib.oprm_mamba2_scan_tm(b, t, heads, p, n, g, *args, rows, start, stop) != 0:
+            raise ValueError("the native Mamba-2 scan does not take these shapes")
+
+    parallel_rows(b * heads * blocks, run, threads, work_per_row=2 * t * rows * n)
+    return y
+
+
+#: The bf16 product's limits (OPRM_GEMV_PAIRS_MAX, OPRM_GEMV_BATCH_MAX in the C file).
+_GEMV_BF16_MAX_K, _GEMV_MAX_BATCH = 16384, 16
+
+
+class StepLinear:
+    """``F.linear(x, weight, bias)`` for a decode step (x [b, k], b small) in C: each block of
+    weight rows read from memory once for all b inputs, rows split over ``threads``
+    threads on the native kernels' pool (waiting threads sleep, they do not spin at a
+    barrier as torch's do).
+
+    ``weight_dtype`` bfloat16 stores a bf16 copy of the weight (half the bytes a step
+    reads) and accumulates in float32; float32 uses the weight as it is (no copy when it
+    is contiguous float32). Output: float32 [b, rows]. ``threads``: None takes the calling
+    thread's intra-op count at each call (a decode session passes its thread's own count,
+    taken outside its one-thread block). Batches over 16 rows and shapes the bf16 kernel
+    does not take run ``F.linear`` on the float32 weight (or the widened bf16 copy)."""
+
+    def __init__(self, lib: Any, weight: torch.Tensor, bias: torch.Tensor | None,
+                 weight_dtype: torch.dtype = torch.float32, threads: int | None = None) -> None:
+        if weight.dim() != 2 or weight.device.type != "cpu":
+            raise ValueError("StepLinear takes a 2-D CPU weight")
+        if weight_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"StepLinear stores float32 or bfloat16 weights, not {weight_dtype}")
+        rows, k = weight.shape
+        if weight_dtype == torch.bfloat16 and (k % 2 or k > _GEMV_BF16_MAX_K):
+            weight_dtype = torch.float32  # shapes the bf16 kernel does not take: stay exact
+        self.lib = lib
+        w = weight.detach()
+        self.weight = w.to(weight_dtype).contiguous() if (w.dtype != weight_dtype or not w.is_contiguous()) else w
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.rows, self.k = rows, k
+        self.bf16 = weight_dtype == torch.bfloat16
+        self.nbytes = self.weight.numel() * self.weight.element_size()
+        self.threads = threads
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.stride(-1) != 1:
+            x = x.float().contiguous()
+        b = x.shape[0]
+        if b > _GEMV_MAX_BATCH:
+            return F.linear(x, self.weight.float() if self.bf16 else self.weight, self.bias)
+        y = torch.empty(b, self.rows, dtype=torch.float32)
+        fn = self.lib.oprm_gemv_bf16 if self.bf16 else self.lib.oprm_gemv_f32
+        args = (self.k, self.weight.data_ptr(), self.k, b, x.data_ptr(), x.stride(0), _ptr(self.bias), y.data_ptr(),
+                self.rows)
+
+        def run(start: int, stop: int) -> None:
+            if fn(*args, start, stop) not in (None, 0):
+                raise ValueError("the native matrix-vector product does not take these shapes")
+
+        parallel_rows(self.rows, run, self.threads, work_per_row=self.k * b)
+        return y
 
 
 class Mamba2Step:

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SSDParams", "ssd_scan", "ssd_step", "ssd_reference", "ssd_window_scan", "discretise_dt",
+__all__ = ["CPU_CHUNK", "SSDParams", "ssd_scan", "ssd_step", "ssd_reference", "ssd_window_scan", "discretise_dt",
            "chunk_length"]
 
 
@@ -43,6 +44,12 @@ class SSDParams:
 
 NEUTRAL = SSDParams()
 
+#: The longest chunk the torch scan uses on a CPU, whatever the model's config says
+#: (Mamba-2 configs say 256, a GPU kernel's tile). Work inside a chunk grows with its
+#: length while carrying states does not: on a 130M-shaped layer (24 heads, p 64, n 128)
+#: chunks of 32-64 run 3-4x faster than 256 (measured, one thread). Any length is exact.
+CPU_CHUNK = 64
+
 
 def discretise_dt(dt: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[float, float]) -> torch.Tensor:
     dt = F.softplus(dt.float() + dt_bias.float())
@@ -50,17 +57,6 @@ def discretise_dt(dt: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[float
     if lo > 0.0 or hi != float("inf"):
         dt = dt.clamp(min=lo, max=hi)
     return dt
-
-
-def _segsum(a: torch.Tensor) -> torch.Tensor:
-    """[..., l] -> [..., l, l] with out[i, j] = sum(a[j+1..i]) for j <= i, else -inf."""
-    l = a.shape[-1]
-    x = a[..., None].expand(*a.shape, l)  # x[..., i, j] = a[i]
-    strict = torch.tril(torch.ones(l, l, dtype=torch.bool, device=a.device), -1)
-    x = x.masked_fill(~strict, 0.0)
-    out = torch.cumsum(x, dim=-2)
-    causal = torch.tril(torch.ones(l, l, dtype=torch.bool, device=a.device), 0)
-    return out.masked_fill(~causal, -math.inf)
 
 
 def _expand_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -100,6 +96,15 @@ def ssd_scan(
     ``chunk_size`` is the longest chunk; the length used is :func:`chunk_length`. B and
     C stay per group (heads of a group share them): the C.B products are computed once
     per group, not once per head.
+
+    Where the time goes, and why it is written this way: per token, the work inside a
+    chunk of length L is O(h L p) (the masked product) plus O(h L) elementwise work on
+    the L x L decays; carrying states is O(h p n) whatever L is. So a long chunk only
+    adds work on a CPU (callers cap it, see :data:`CPU_CHUNK`). The decays are
+    ``exp(cum_l - cum_s)`` of one cumulative sum per chunk (as the fused CUDA kernels
+    compute them), built in place in one [.., L, L] buffer: no L x L cumulative sum, no
+    second masked copy. The chunk's contribution to its end state reuses the decays'
+    last row.
     """
     if params.normalize_state:
         return _ssd_recurrent(x, dt, A, B, C, h0, params)
@@ -107,13 +112,12 @@ def ssd_scan(
     g, n = B.shape[2], B.shape[3]
     hg = h // g
     L = chunk_length(t, chunk_size)
-    xf = x.float()
     Bf = B.float() if params.b_scale == 1.0 else B.float() * params.b_scale
     Cf = C.float()
     dA = dt * A.float()[None, None, :]  # [b, t, h] log-decay per step
     if params.alpha_scale != 1.0:  # not on padded steps (dt == 0), which must stay no-ops
         dA = dA + math.log(params.alpha_scale) * (dt > 0)
-    xdt = xf * dt[..., None]
+    xdt = x.float() * dt[..., None]
 
     pad = (-t) % L
     if pad:
@@ -122,42 +126,49 @@ def ssd_scan(
         Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
         Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
     c = (t + pad) // L
-    # Per chunk, heads-major: x*dt [b, c, h, L, p]; B, C [b, c, g, L, n]; log-decays [b, c, h, L].
-    xh = xdt.view(b, c, L, h, p).permute(0, 1, 3, 2, 4)
-    Bg = Bf.view(b, c, L, g, n).permute(0, 1, 3, 2, 4)
-    Cg = Cf.view(b, c, L, g, n).permute(0, 1, 3, 2, 4)
-    a = dA.view(b, c, L, h).permute(0, 1, 3, 2)
-    a_cum = torch.cumsum(a, dim=-1)
+    # Time-major per chunk: x*dt [b, c, L, h, p]; log-decays summed within each chunk.
+    xt = xdt.view(b, c, L, h, p)
+    a_cum = torch.cumsum(dA.view(b, c, L, h).transpose(-1, -2), dim=-1)  # [b, c, h, L]
+    Bg = Bf.reshape(b, c, L, g, n).permute(0, 1, 3, 2, 4)  # [b, c, g, L, n]
+    Cg = Cf.reshape(b, c, L, g, n).permute(0, 1, 3, 2, 4)
 
-    # Within each chunk: y_l = sum_s C_l.B_s * exp(a_{s+1..l}) * x_s dt_s
-    decay = torch.exp(_segsum(a))  # [b, c, h, L, S]
+    # Within each chunk: y_l = sum_{s<=l} C_l.B_s * exp(cum_l - cum_s) * x_s dt_s (heads-major).
+    decay = a_cum[..., :, None] - a_cum[..., None, :]  # [b, c, h, L, S]
+    decay.masked_fill_(_upper(L, a_cum.device), -math.inf).exp_()
+    to_end = decay[..., -1, :].transpose(-1, -2)  # [b, c, L, h]: exp(cum_end - cum_s)
+    # Each chunk's own contribution to the state at its end, sum_s exp(cum_end - cum_s) x_s dt_s B_s,
+    # as one product per chunk and group: [h/g * p, L] @ [L, n], straight into the state layout.
+    weighted = (xt * to_end[..., None]).view(b, c, L, g, hg * p).permute(0, 1, 3, 4, 2)
+    chunk_states = torch.matmul(weighted, Bg).view(b, c, h, p, n)
     cb = torch.matmul(Cg, Bg.transpose(-1, -2))  # [b, c, g, L, S], once per group
-    scores = (decay.view(b, c, g, hg, L, L) * cb[:, :, :, None]).view(b, c, h, L, L)
-    y = torch.matmul(scores, xh)  # [b, c, h, L, p]
+    scores = decay.view(b, c, g, hg, L, L).mul_(cb[:, :, :, None]).view(b, c, h, L, L)
+    y_in = torch.matmul(scores, xt.permute(0, 1, 3, 2, 4))  # [b, c, h, L, p]
 
-    # Each chunk's own contribution to the state at its end: sum_l exp(a_{l+1..end}) x_l dt_l B_l.
-    to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b, c, h, L]
-    weighted = (xh * to_end[..., None]).transpose(-1, -2).reshape(b, c, g, hg, p, L)
-    chunk_states = torch.matmul(weighted, Bg[:, :, :, None]).view(b, c, h, p, n)
+    # Carry states across chunks: s_k = exp(sum a of chunk k) s_{k-1} + chunk_states_k, written in place.
+    chunk_decay = torch.exp(a_cum[..., -1])[..., None, None]  # [b, c, h, 1, 1]
+    starts = torch.empty(b, c + 1, h, p, n, dtype=torch.float32, device=x.device)
+    starts[:, 0] = h0
+    for k in range(c):
+        torch.addcmul(chunk_states[:, k], chunk_decay[:, k], starts[:, k], out=starts[:, k + 1])
 
-    # Carry states across chunks: s_k = exp(sum a of chunk k) s_{k-1} + chunk_states_k.
-    chunk_decay = torch.exp(a_cum[..., -1])  # [b, c, h]
-    s = h0.float()
-    if c == 1:
-        start_states = s[:, None]
-        s = chunk_decay[:, 0, :, None, None] * s + chunk_states[:, 0]
-    else:
-        starts = []
-        for k in range(c):
-            starts.append(s)
-            s = chunk_decay[:, k, :, None, None] * s + chunk_states[:, k]
-        start_states = torch.stack(starts, dim=1)  # [b, c, h, p, n]
+    # The start state's contribution inside each chunk, exp(cum_l) C_l . s_start: one product per chunk
+    # and group, [L, n] @ [n, h/g * p], time-major; then the intra-chunk term is added in place.
+    off = torch.matmul(Cg, starts[:, :c].view(b, c, g, hg * p, n).transpose(-1, -2))  # [b, c, g, L, hg p]
+    y = torch.empty(b, c, L, g, hg, p, dtype=torch.float32, device=x.device)
+    torch.mul(off.permute(0, 1, 3, 2, 4).unflatten(-1, (hg, p)),
+              torch.exp(a_cum).transpose(-1, -2).reshape(b, c, L, g, hg, 1), out=y)
+    y = y.add_(y_in.permute(0, 1, 3, 2, 4).view(b, c, L, g, hg, p)).view(b, c * L, h, p)
+    return (y[:, :t] if pad else y), starts[:, c]
 
-    # The start state's contribution inside each chunk: exp(a_{1..l}) C_l . s_start.
-    off = torch.matmul(Cg[:, :, :, None], start_states.view(b, c, g, hg, p, n).transpose(-1, -2))
-    y = y + off.view(b, c, h, L, p) * torch.exp(a_cum)[..., None]
-    y = y.permute(0, 1, 3, 2, 4).reshape(b, c * L, h, p)
-    return (y[:, :t] if pad else y), s
+
+@lru_cache(maxsize=16)
+def _upper_cached(L: int, device: str) -> torch.Tensor:
+    return torch.triu(torch.ones(L, L, dtype=torch.bool, device=device), 1)
+
+
+def _upper(L: int, device: torch.device) -> torch.Tensor:
+    """[L, L] bool, True strictly above the diagonal (s > l: no contribution)."""
+    return _upper_cached(L, str(device))
 
 
 def ssd_step(x, dt, A, B, C, h, params: SSDParams = NEUTRAL):

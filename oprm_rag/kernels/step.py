@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear_fn", "layer_norm_fn", "rms_norm_fn", "act_fn", "is_silu", "embedding_fn", "conv_step"]
+__all__ = ["linear_fn", "step_linear", "STEP_NATIVE_MIN", "layer_norm_fn", "rms_norm_fn", "act_fn", "is_silu", "embedding_fn", "conv_step"]
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -30,6 +30,28 @@ def linear_fn(module: Any) -> Fn:
         weight, bias = module.weight, module.bias
         return lambda x: F.linear(x, weight, bias)
     return module
+
+
+#: Weights (elements) from which a decode step's projection runs in C (``native.StepLinear``):
+#: there reading the weight (>= 1 MB in float32) outweighs a ctypes call, and the rows are
+#: split over threads that sleep, not spin, while they wait. Smaller ones stay ``F.linear``.
+STEP_NATIVE_MIN = 1 << 18
+
+
+def step_linear(module: Any, weight_dtype: torch.dtype | None = None) -> Fn:
+    """A decode step's projection for ``module``: the C matrix-vector product on a CPU
+    float32 ``nn.Linear`` of at least :data:`STEP_NATIVE_MIN` weights (on a bf16 copy of the
+    weight when ``weight_dtype`` is bfloat16), else :func:`linear_fn`. Without the native
+    kernels the weights stay as loaded (float32): bf16 storage needs the C product."""
+    if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32 \
+            and module.weight.device.type == "cpu" and module.weight.numel() >= STEP_NATIVE_MIN:
+        from . import native
+
+        lib = native.library()
+        if lib is not None:
+            return native.StepLinear(lib, module.weight, module.bias, weight_dtype or torch.float32,
+                                     threads=torch.get_num_threads())
+    return linear_fn(module)
 
 
 def layer_norm_fn(module: Any) -> Fn:
