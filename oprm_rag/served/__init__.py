@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["OpenAICompatibleLM", "PromptRows", "ServedClient", "ServerInfo", "LlamaServer", "find_llama_server",
+           "VLLMServer", "find_vllm_python",
            "ServerError", "ServerUnavailableError", "ModelNotFoundError", "NoLogprobsError", "TokenIdsRejectedError",
            "ContextOverflowError", "ServerTimeoutError", "ServerResponseError"]
 
@@ -18,6 +19,7 @@ _WHERE = {
     "OpenAICompatibleLM": ".engine", "PromptRows": ".engine",
     "ServedClient": ".client", "ServerInfo": ".client",
     "LlamaServer": ".llama_server", "find_llama_server": ".llama_server",
+    "VLLMServer": ".vllm", "find_vllm_python": ".vllm",
 }
 
 

@@ -7,7 +7,7 @@ first-answer-token distribution (``logits="last"``) do the rows go out, as concu
 ``/v1/completions`` requests for one token with log-probabilities. Decoding the answer
 is a streamed completion of the winning prompt.
 
-What this engine cannot do that the in-process one does (it is no ``StatefulEngine``):
+What this engine cannot do that the in-process one does (``stores_states = False``):
 
 * **decode from a stored state**: the server prefills the winning ``[P, C, Q]`` again
   for the answer (llama.cpp may reuse its slot's state when the same prompt was the
@@ -31,15 +31,15 @@ import math
 import re
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Sequence
 
 from ..decoding.stream import BaseTextStream
-from ..engine import ChunkSize, Engine, EngineInfo, Extension, FirstTokens, LogitsWanted
+from ..engine import ChunkSize, Engine, Extension, FirstTokens, LogitsWanted
 from ..errors import OptionError
 from ..decoding.config import Generation, GenerationConfig
 from .client import Completed, CompletionStream, Scored, ServedClient
 from .entropy import Tail, first_tokens_from_top, ids_of_pieces
-from .errors import ContextOverflowError, ServerResponseError, TokenIdsRejectedError
+from .errors import ContextOverflowError, ServerError, ServerResponseError, TokenIdsRejectedError
 from .tokens import LocalTokens, ServerTokens, TokenSource, token_source
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -174,8 +174,10 @@ class OpenAICompatibleLM(Engine):
             can differ slightly from a full computation, see ``docs/served.md``).
     """
 
-    # Not a StatefulEngine (states live on the server) nor a QuestionLikelihood (only the
-    # next token's top log-probabilities come back); rows of any lengths: each is a request.
+    stores_states: ClassVar[bool] = False
+    #: Only the next token's top log-probabilities come back: no question_likelihood.
+    full_logits: ClassVar[bool] = False
+    supports_left_padding = True  # rows of any lengths: each is its own request
 
     def __init__(self, base_url: str, model: str | None = None, *, api_key: str | None = None,
                  tokenizer: Any = None, max_concurrency: int = 8, timeout: float = 120.0, max_retries: int = 2,
@@ -215,16 +217,10 @@ class OpenAICompatibleLM(Engine):
         self._published: Any = _UNASKED
         self._vocab_learnt: int | None = None  # the model's vocabulary, from the server's answers
         self._vocab_asked = False
+        self._vocab_lock = threading.Lock()
         self.stats = ServedStats()
 
     # ------------------------------------------------------------------ identity
-    def describe(self) -> EngineInfo:
-        """The served model's facts as of now (vocabulary, limits and training length may be
-        learned from the server on first use)."""
-        return EngineInfo(name=self.name, identity=self.identity, prompt=self.prompt, auto_chunk=self.auto_chunk(),
-                          vocab_size=self.vocab_size, position_limit=self.position_limit,
-                          token_counting=self.token_counting, can_pad=True)  # type: ignore[arg-type]
-
     @property
     def name(self) -> str:
         return self.client.model or self.client.base_url
@@ -286,7 +282,17 @@ class OpenAICompatibleLM(Engine):
 
                     self._published = folder_format(folder)
                 else:
-                    rendered = self.tokens.chat_template(PROBE_MESSAGES, **{PUBLISH_KWARG: True})
+                    try:
+                        rendered = self.tokens.chat_template(PROBE_MESSAGES, **{PUBLISH_KWARG: True})
+                    except ServerResponseError as exc:  # an HTTP error after retries: the template, not the link
+                        logger.warning("the server at %s failed to render its chat template's OPRM prompt (%s); "
+                                       "using the chat or plain default prompt", self.client.base_url, exc)
+                        rendered = None
+                    except ServerError:
+                        raise  # unreachable or timed out: a default prompt now could be the wrong one
+                    except Exception as exc:  # a local template that cannot render the probe publishes nothing
+                        logger.debug("the chat template did not render the OPRM prompt probe: %s", exc)
+                        rendered = None
                     self._published = parse_published(rendered)
                     if self._published is not None:
                         logger.info("the model at %s publishes its OPRM prompt through its chat template",
@@ -451,10 +457,13 @@ class OpenAICompatibleLM(Engine):
         Refused over the cap: vLLM's message names the vocabulary and the cap
         ("Requested sample logprobs of 3072, which is greater than max allowed: 20").
         Refused otherwise: nothing learnt, and the usual request follows."""
-        with self._lock:
+        with self._vocab_lock:  # concurrent first questions wait for the one probe
             if self._vocab_asked:
                 return None
             self._vocab_asked = True
+            return self._ask_whole_vocabulary(prompt)
+
+    def _ask_whole_vocabulary(self, prompt: list[int] | str) -> Scored | None:
         try:
             scored = self.client.score(prompt, -1)
         except ServerResponseError as exc:

@@ -145,7 +145,7 @@ class ServerTokens(TokenSource):
         self.client = client
         self._pieces: dict[int, bytes] = {}
         self._lock = threading.Lock()
-        self._chat_route: str | None = None  # "apply-template" (llama.cpp), "tokenize" (vLLM) or "none"
+        self._chat_route: str | None = None  # where chats rendered: "apply-template" (llama.cpp), "tokenize" (vLLM)
         self.learnt_vocab_size: int | None = None  # from the server's answers (the engine sets it)
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
@@ -202,32 +202,30 @@ class ServerTokens(TokenSource):
     def chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> str | None:
         """The server's chat template applied to ``messages`` (``kwargs`` go to the
         template): llama.cpp's ``/apply-template``, else vLLM's ``/tokenize`` with
-        messages, detokenised; None where the server renders no chats."""
+        messages, detokenised; None where the server renders no chats (or not these)."""
         from .errors import ServerResponseError
 
-        if self._chat_route in (None, "apply-template"):
-            body: dict[str, Any] = {"messages": messages}
-            if kwargs:
-                body["chat_template_kwargs"] = kwargs
-            out = self._post_or_none("/apply-template", body)
+        extra = {"chat_template_kwargs": kwargs} if kwargs else {}
+        if self._chat_route != "tokenize":
+            out = self._post_or_none("/apply-template", {"messages": messages, **extra})
             if isinstance(out, dict) and isinstance(out.get("prompt"), str):
                 self._chat_route = "apply-template"
                 return out["prompt"]
-        if self._chat_route in (None, "tokenize"):
-            body = {"messages": messages, "add_generation_prompt": True, "add_special_tokens": False}
-            if kwargs:
-                body["chat_template_kwargs"] = kwargs
-            if self.client.model:
-                body["model"] = self.client.model
-            out = self._post_or_none("/tokenize", body)
-            if isinstance(out, dict) and isinstance(out.get("tokens"), list):
-                self._chat_route = "tokenize"
-                try:
-                    return self.client.detokenize([int(t) for t in out["tokens"]])
-                except ServerResponseError:
-                    return None
-        self._chat_route = self._chat_route or "none"
-        return None
+            if self._chat_route == "apply-template":
+                return None  # it renders chats, just not this one (these kwargs)
+        body: dict[str, Any] = {"messages": messages, "add_generation_prompt": True, "add_special_tokens": False,
+                                **extra}
+        if self.client.model:
+            body["model"] = self.client.model
+        out = self._post_or_none("/tokenize", body)
+        tokens = out.get("tokens") if isinstance(out, dict) else None
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
+            return None  # a /tokenize that ignores messages tokenises nothing: no chat rendering there
+        self._chat_route = "tokenize"
+        try:
+            return self.client.detokenize(tokens)
+        except ServerResponseError:
+            return None
 
     def _post_or_none(self, path: str, body: dict[str, Any]) -> Any:
         """POST ``body``; None where the server has no such endpoint or refuses it with a
