@@ -84,6 +84,10 @@ def _family(family: str, doc_tokens: int, chunk: int, repeat: int) -> dict:
     t_replay = time.perf_counter() - t0
 
     backend = lm.backend
+    ids = torch.randint(2, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(input_ids=ids, use_cache=False).logits.float()
+    cont = backend.forward(ids[:, 17:], backend.forward(ids[:, :17]).state, all_logits=True).logits
     prefix = len(sel._prefix_ids())
     per_chunk = backend.state_nbytes(prefix + sel.chunk_tokens)
     with torch.no_grad():
@@ -99,6 +103,7 @@ def _family(family: str, doc_tokens: int, chunk: int, repeat: int) -> dict:
         "same_answer_as_replay": again.text == r_again.text,
         "state_bytes_per_chunk": per_chunk, "state_fixed_bytes": backend.state_nbytes(0),
         "kv_bytes_per_token": backend.kv_bytes_per_token(), "prefix_tokens": prefix,
+        "continuation_max_abs_logit_diff": float((cont - plain[:, 17:]).abs().max()),
     }
 
 

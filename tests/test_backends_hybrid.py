@@ -182,3 +182,9 @@ def test_a_transformer_on_stored_states_keeps_its_position_limit(load_lm):
     lm = load_lm("llama")
     assert lm.backend.exact_continuation and lm.position_limit == lm.model.config.max_position_embeddings
     assert load_lm("xlstm").position_limit is None  # purely recurrent: no positions
+
+
+def test_fused_kernels_forced_off_cuda_fail_loudly(load_lm):
+    lm = load_lm("zamba2")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        CacheBackend(lm.model, kernels="cuda").forward(_ids(1, 3))

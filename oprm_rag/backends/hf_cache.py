@@ -242,6 +242,9 @@ class CacheBackend(Backend):
                 pass
         return bool(verdict)
 
+    def _require_cuda_kernels(self) -> None:
+        """transformers' own modules pick mamba-ssm / causal-conv1d / fla kernels where installed."""
+
     # ------------------------------------------------------------------ states
     def _layout_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Per-row shape and dtype of every state tensor, from one token run (``kv.*``: per token)."""
@@ -279,6 +282,7 @@ class CacheBackend(Backend):
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, state: RecurrentState | None = None, *,
                 all_logits: bool = False, pad_left: torch.Tensor | None = None) -> ForwardOutput:
+        self.use_cuda_kernels()  # kernels="cuda" off CUDA raises; transformers picks its kernels itself
         with intra_op_threads(call_threads(self, input_ids.numel())):  # short calls: one thread
             step = self._begin(input_ids, state, pad_left)
             position = step.state.tensors["position"]
