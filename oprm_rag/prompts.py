@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import unicodedata
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,11 @@ class PromptTemplate:
             raise InputError("question_template needs exactly one {question} field")
         if not isinstance(self.idk_word, str) or not self.idk_word.strip():
             raise InputError("idk_word must be a non-empty word")
+        # The word as answers spell it: no surrounding spaces (answers are compared stripped)
+        # and in NFC, the form tokenizers and decoders produce (a macOS NFD "Erreur" would not match).
+        word = unicodedata.normalize("NFC", self.idk_word.strip())
+        if word != self.idk_word:
+            object.__setattr__(self, "idk_word", word)
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import unicodedata
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -157,7 +158,7 @@ def confirm_idk(engine: Any, extension: Any, first: FirstTokens, idk_ids: frozen
     finite = [bool(f) for f in first.finite]
     if not isinstance(idk_ids, IdkTokens) or not idk_ids.several_tokens:
         return [ok and t in idk_ids for t, ok in zip(tops, finite)]
-    word = idk_ids.word.strip()
+    word = unicodedata.normalize("NFC", idk_ids.word.strip())
     verdict = [ok and t in idk_ids and t not in idk_ids.continuations for t, ok in zip(tops, finite)]
     live = [j for j, (t, ok) in enumerate(zip(tops, finite)) if ok and t in idk_ids.continuations]
     if not live:
@@ -167,7 +168,7 @@ def confirm_idk(engine: Any, extension: Any, first: FirstTokens, idk_ids: frozen
     for step in range(MAX_IDK_TOKENS):
         still = []
         for j in live:
-            text = engine.decode(generated[j]).strip()
+            text = unicodedata.normalize("NFC", engine.decode(generated[j]).strip())
             if text.startswith(word):
                 verdict[j] = True
             elif word.startswith(text.rstrip("\ufffd")):

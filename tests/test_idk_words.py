@@ -198,3 +198,16 @@ def test_one_token_words_cost_no_model_call() -> None:
     engine.calls = 0
     first = engine.first_tokens(ext, ids)
     assert confirm_idk(engine, ext, first, ids) == [True] and engine.calls == 0
+
+
+def test_an_idk_word_typed_in_nfd_or_with_spaces_matches_the_answers() -> None:
+    import unicodedata
+
+    word = "Désolé"
+    engine = Scripted(_shipped_tokenizer(), word)  # a model answers in NFC, as decoders produce
+    sel = OPRMSelector(engine, cache=False, idk_word=" " + unicodedata.normalize("NFD", word) + " ")
+    assert sel.prompt.idk_word == word
+    doc = _document("kappa", "4321")
+    res = sel.select("What is the code of kappa?", doc)
+    assert all(c.is_idk for c in res.chunks if "kappa" not in doc[c.char_start:c.char_end])
+    assert res.best is not None and "kappa is 4321" in doc[res.best.char_start:res.best.char_end]
