@@ -35,14 +35,19 @@ from typing import Any
 
 from .errors import ModelLoadError
 
-__all__ = ["is_native_rwkv", "load_rwkv", "load_native", "hub_folder", "native_model", "detect_version", "to_hf_layout",
-           "NATIVE_MODEL_TYPES"]
+__all__ = ["NotNativeLayout", "is_native_rwkv", "load_rwkv", "load_native", "hub_folder", "native_model",
+           "detect_version", "to_hf_layout", "NATIVE_MODEL_TYPES"]
 
 logger = logging.getLogger("oprm_rag")
 
 #: config.json model types read natively (RWKV's RWKV-6 folders; fla's RWKV-7 folders).
 NATIVE_MODEL_TYPES = ("rwkv6", "rwkv7", "rwkv7_fla")
 _VOCAB_GLOB = "rwkv_vocab_*.txt"
+
+
+class NotNativeLayout(ModelLoadError):
+    """The weights are not a layout read natively (an older RWKV, a hybrid, unknown keys):
+    with ``trust_remote_code`` such a folder may still run through transformers."""
 _WORLD_VOCAB = 65536
 
 
@@ -110,9 +115,9 @@ def detect_version(weights: dict[str, Any]) -> int:
     if any(k.startswith("blocks.0.att.time_maa") for k in weights):
         return 6
     if "emb.weight" in weights and any(k.startswith("blocks.0.att.time_") for k in weights):
-        raise ModelLoadError("this is an RWKV-4 or RWKV-5 checkpoint; only RWKV-6 and RWKV-7 .pth files load "
+        raise NotNativeLayout("this is an RWKV-4 or RWKV-5 checkpoint; only RWKV-6 and RWKV-7 .pth files load "
                              "natively (RWKV-4 runs from a transformers RwkvForCausalLM folder)")
-    raise ModelLoadError("not an RWKV-6/7 checkpoint: no blocks.0.att.time_maa_* (RWKV-6) or "
+    raise NotNativeLayout("not an RWKV-6/7 checkpoint: no blocks.0.att.time_maa_* (RWKV-6) or "
                          "blocks.0.att.r_k (RWKV-7) weights")
 
 
@@ -164,7 +169,7 @@ def native_model(weights: dict[str, Any], *, name: str = "", source_format: str 
                 ([f"{len(unexpected)} unexpected ({_names(unexpected)})"] if unexpected else [])
         hint = (" (DeepEmbed weights: this RWKV-7 variant is not supported natively)"
                 if any(".s_emb" in k or ".s0" in k for k in unexpected) else "")
-        raise ModelLoadError(f"{name or 'the checkpoint'}: the weights are not an RWKV-{version} model "
+        raise NotNativeLayout(f"{name or 'the checkpoint'}: the weights are not an RWKV-{version} model "
                              f"BlinkDL's layout describes: {', '.join(parts)}{hint}")
     vocab, hidden = (int(s) for s in weights["emb.weight"].shape)
     if version == 7:
@@ -234,7 +239,7 @@ def _from_fla(weights: dict[str, Any]) -> dict[str, Any]:
             continue
         m = re.fullmatch(r"model\.layers\.(\d+)\.(\w+)\.(.+)", key)
         if m is None or m.group(2) not in _FLA_PART:
-            raise ModelLoadError(f"unexpected weight {key!r} for an fla RWKV-7 model")
+            raise NotNativeLayout(f"unexpected weight {key!r} for an fla RWKV-7 model")
         layer, part, rest = m.group(1), _FLA_PART[m.group(2)], m.group(3)
         lora = re.fullmatch(r"([wavg])_lora\.(.+)", rest)
         if part == "att" and lora is not None and lora.group(2) in _FLA_LORA:
@@ -397,9 +402,8 @@ def load_rwkv(path: Path, *, dtype: Any = None, device: Any = None, trust_remote
 
         config = check_model_folder(path)
         if config.get("attn"):
-            raise ModelLoadError(f"{name}: this fla RWKV-7 config has attention layers ({config['attn']}); "
-                                 "hybrids are not read natively: pass trust_remote_code=True to run it through "
-                                 "transformers (token-replay backend)")
+            raise NotNativeLayout(f"{name}: this fla RWKV-7 config has attention layers ({config['attn']}); "
+                                 "hybrids are not read natively")
         raw = _read_folder_weights(path)
         fla = any(k.startswith("model.layers.") for k in raw)
         weights = _from_fla(raw) if fla else _from_rwkv_hf(raw) if any(k.startswith("rwkv.") for k in raw) else raw
@@ -436,9 +440,12 @@ def load_native(path: Path, *, dtype: Any = None, device: Any = None, trust_remo
     backend): that is said in one log line. Without ``trust_remote_code`` the reason is raised."""
     try:
         return load_rwkv(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    except ModelLoadError as exc:
-        if not (trust_remote_code and path.is_dir()):
+    except NotNativeLayout as exc:
+        if not path.is_dir():
             raise
+        if not trust_remote_code:
+            raise ModelLoadError(f"{exc}. If the folder ships its own modeling code, trust_remote_code=True runs "
+                                 "that instead (token-replay backend, no exact state reuse)") from exc
         logger.warning("%s: not read natively (%s); running its remote code through transformers instead, on the "
                        "token-replay backend (no exact state reuse)", path, exc)
         return None

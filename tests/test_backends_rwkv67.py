@@ -198,8 +198,12 @@ def test_bad_checkpoints_are_refused_by_name(tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["attn"] = {"layers": [1], "num_heads": 2}
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="trust_remote_code"):
-        load_rwkv(folder)
+    from oprm_rag.loading import load_model_and_tokenizer
+    from oprm_rag.rwkv_loading import load_native
+
+    with pytest.raises(ModelLoadError, match="attention layers.*trust_remote_code=True"):
+        load_model_and_tokenizer(folder)
+    assert load_native(folder, trust_remote_code=True) is None  # transformers runs its own code instead
 
 
 def test_world_tokenizer_matches_blinkdl_trie():
