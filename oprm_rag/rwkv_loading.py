@@ -241,6 +241,10 @@ def _from_fla(weights: dict[str, Any]) -> dict[str, Any]:
         if m is None or m.group(2) not in _FLA_PART:
             raise NotNativeLayout(f"unexpected weight {key!r} for an fla RWKV-7 model")
         layer, part, rest = m.group(1), _FLA_PART[m.group(2)], m.group(3)
+        if part == "att" and rest == "x_x":  # fla's first RWKV-7 layout: the six token-shift mixes stacked
+            for name, row in zip("rwkvag", value.reshape(6, -1)):
+                out[f"blocks.{layer}.att.x_{name}"] = row.reshape(1, 1, -1)
+            continue
         lora = re.fullmatch(r"([wavg])_lora\.(.+)", rest)
         if part == "att" and lora is not None and lora.group(2) in _FLA_LORA:
             num = _FLA_LORA[lora.group(2)]

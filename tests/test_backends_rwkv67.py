@@ -179,6 +179,15 @@ def test_hf_folder_loads_the_same_model_as_the_pth(version, tmp_path):
     ids = ids_for(1, 12, seed=6) % 300
     assert err(a(ids), b(ids)) == 0.0
     assert tok.eos_token == "\n\n" and tok.decode(tok.encode("a\n\nb")) == "a\n\nb"
+    if version == 7:  # fla's first layout stacked the six token-shift mixes as attn.x_x
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(str(folder / "model.safetensors"))
+        for i in range(2):
+            mixes = [weights.pop(f"model.layers.{i}.attn.x_{n}").reshape(-1) for n in "rwkvag"]
+            weights[f"model.layers.{i}.attn.x_x"] = torch.stack(mixes)
+        save_file(weights, str(folder / "model.safetensors"))
+        assert err(a(ids), load_rwkv(folder)[0](ids)) == 0.0
 
 
 def test_bad_checkpoints_are_refused_by_name(tmp_path):
