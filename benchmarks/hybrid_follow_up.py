@@ -42,7 +42,10 @@ def _family(family: str, doc_tokens: int, chunk: int, repeat: int) -> dict:
 
     from oprm_rag import OPRMSelector, RecurrentLM
     from oprm_rag.backends.replay import ReplayBackend
-    from oprm_rag.storage.cache import DocumentStateCache
+    try:
+        from oprm_rag.storage.cache import DocumentStateCache
+    except ImportError:  # before the storage package (issue #20)
+        from oprm_rag.cache import DocumentStateCache
     from oprm_rag.testing import tiny_model
 
     model, tok = tiny_model(family)
