@@ -13,7 +13,8 @@ from typing import Any
 __all__ = ["OpenAICompatibleLM", "PromptRows", "ServedClient", "ServerInfo", "LlamaServer", "find_llama_server",
            "VLLMServer", "find_vllm_python",
            "ServerError", "ServerUnavailableError", "ModelNotFoundError", "NoLogprobsError", "TokenIdsRejectedError",
-           "ContextOverflowError", "ServerTimeoutError", "ServerResponseError"]
+           "ContextOverflowError", "ServerTimeoutError", "ServerResponseError", "ImpossibleLogprobsError",
+           "IncompleteAnswerError"]
 
 _WHERE = {
     "OpenAICompatibleLM": ".engine", "PromptRows": ".engine",
