@@ -9,7 +9,7 @@ import time
 
 BENCHMARKS = ["exactness", "mamba1_scan", "follow_up", "oprm_vs_plain", "memory", "associative_recall", "state_collapse",
               "peers", "handoff", "served", "decode", "rwkv67_follow_up",
-              "hybrid_follow_up"]
+              "hybrid_follow_up", "real_size"]
 
 
 def main() -> None:

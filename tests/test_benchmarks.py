@@ -171,3 +171,21 @@ def test_hybrid_follow_up_quick(tmp_path):
         assert row["same_answer_as_replay"] is True  # the cached follow-up answers as the replay does
         assert row["follow_up_embedded_fraction_of_doc"] < 0.5  # the document is not embedded again
         assert _finite(row["speedup_vs_first"], row["speedup_vs_replay"], row["state_bytes_per_chunk"])
+
+
+def test_real_size_quick(tmp_path):
+    data = _run("real_size", tmp_path)
+    assert data["parameters"] > 1e6 and data["chunks"] >= 2
+    for rows in (data["ours_f32"], data["ours_bf16"]):
+        for row in rows.values():
+            assert _finite(row["plain_prefill_tok_s"], row["oprm_select_tok_s"], row["decode_tok_s"])
+    assert _finite(data["transformers_forward_tok_s"], data["ratios"]["plain_prefill_vs_transformers"])
+    peer = data["llama_cpp"]
+    if "skipped" in peer:  # never a made-up peer: the reason names the missing binary
+        assert "llama-server" in peer["skipped"]
+    else:
+        assert all(_finite(r["prompt_tok_s"], r["decode_tok_s"]) for r in peer["by_threads"].values())
+        assert _finite(data["ratios"]["oprm_select_vs_llama_prompt"], data["ratios"]["decode_vs_llama_decode"])
+    assert all(_finite(b["read_GB_s"], b["copy_GB_s"]) for b in data["bandwidth"].values())
+    assert data["bf16"]["vs_f32"]["this_model"]["max_entropy_error_nats"] >= 0.0
+    assert [r["family"] for r in data["layers_7b"]] == ["falcon_mamba", "mamba2"]

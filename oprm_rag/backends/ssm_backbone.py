@@ -55,6 +55,8 @@ class SSMBackboneBackend(Backend):
         fn = self._projections.get(key)
         if fn is None:
             fn = self._projections[key] = step_linear(module, self.precision.step)
+        elif hasattr(fn, "threads"):  # a C product: split over the threads of the session now being made
+            fn.threads = torch.get_num_threads()
         return fn
 
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
