@@ -51,9 +51,11 @@ class Behaviour:
     rewrite_requests: set[int] = field(default_factory=set)
     text_keys: bool = False  # vLLM dialect keyed by token text (as without return_tokens_as_token_ids)
     trickle: float | None = None  # send completion bodies one byte every `trickle` seconds
+    trickle_headers: bool = False  # trickle the status line and headers instead (they never end)
     #: streams: "ok", "comments" (SSE comments, never an event), "stall" (two pieces, then
     #: silence), "cut" (pieces, then the connection closes: no finish reason, no [DONE]),
-    #: "done_only" ([DONE] without a finish reason), "no_done" (finish reason, no [DONE])
+    #: "done_only" ([DONE] without a finish reason), "no_done" (finish reason, no [DONE]),
+    #: "other_index" (pieces for choice 1)
     stream_mode: str = "ok"
     stall_seconds: float = 12.0  # how long trickles, comments and stalls go on at most
     models_failures: int = 0  # first n GET /v1/models answer 503
@@ -201,7 +203,9 @@ class FakeServer:
                                      "total_tokens": length + 1}}
             if b.rewrite is not None and (not b.rewrite_requests or n in b.rewrite_requests):
                 answer = b.rewrite(body, answer)
-            if b.trickle is not None:
+            if b.trickle is not None and b.trickle_headers:
+                self._trickle_headers(h)
+            elif b.trickle is not None:
                 self._trickle(h, answer)
             else:
                 h._send(200, answer)
@@ -229,6 +233,18 @@ class FakeServer:
         except (BrokenPipeError, ConnectionResetError):
             pass
 
+    def _trickle_headers(self, h: Any) -> None:
+        """A status line and then one header that grows by a byte every ``trickle`` seconds."""
+        end = time.monotonic() + self.b.stall_seconds
+        try:
+            h.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            while time.monotonic() < end:
+                h.wfile.write(b"a")
+                h.wfile.flush()
+                time.sleep(self.b.trickle or 0.0)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
     def _stream(self, h: Any, body: dict[str, Any]) -> None:
         mode = self.b.stream_mode
         h.send_response(200)
@@ -248,8 +264,10 @@ class FakeServer:
                     time.sleep(0.2)
                 return
             n = int(body.get("max_tokens", 1))
+            index = 1 if mode == "other_index" else 0
             for i in range(n if mode != "stall" else min(n, 2)):
-                event({"object": "text_completion", "choices": [{"index": 0, "text": f"w{i} ", "finish_reason": None}]})
+                event({"object": "text_completion", "choices": [{"index": index, "text": f"w{i} ",
+                                                                 "finish_reason": None}]})
             if mode == "stall":
                 time.sleep(self.b.stall_seconds)
             if mode in ("cut", "stall"):

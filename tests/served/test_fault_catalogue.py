@@ -200,6 +200,19 @@ def test_a_trickled_body_ends_in_a_timeout() -> None:
             _select(srv, timeout=1.0)
 
 
+def test_trickled_headers_end_in_a_timeout() -> None:
+    """The status line and then a header that never ends, a byte at a time."""
+    with FakeServer(Behaviour(trickle=0.3, trickle_headers=True)) as srv:
+        with pytest.raises(ServerTimeoutError, match="within 1.5 s"):
+            _select(srv, timeout=1.5)
+
+
+def test_a_stream_for_another_choice_is_refused() -> None:
+    with FakeServer(Behaviour(stream_mode="other_index")) as srv:
+        with pytest.raises(ServerResponseError, match="choice 1"):
+            OPRMSelector(_engine(srv), chunk_tokens=64).answer(Q, DOC, max_new_tokens=3)
+
+
 def test_a_trickled_server_list_ends_in_a_timeout() -> None:
     with FakeServer(Behaviour(trickle=0.4)) as srv:
         client = ServedClient(srv.base_url, "fake", timeout=3.0, max_retries=0)
