@@ -354,7 +354,13 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, pre_tokenizer: s
         raise InputError(f"{model_dir} records no training context (training_log.json or max_position_embeddings); "
                          "pass context_length= (CLI: --context-length) with the length the model was trained on")
     _check_context_length(ctx)
-    tensors = _tensors(weights, hp)
+    try:
+        tensors = _tensors(weights, hp)
+    except (IndexError, TypeError, ValueError) as exc:  # a weight of a shape config.json does not describe
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{model_dir}: the weights do not have the shapes config.json describes "
+                         f"({type(exc).__name__}: {exc}); check that config.json belongs to these weights") from None
     with replace_atomically(out_path, "cannot write the GGUF file") as tmp:
         _write(gguf, tmp, model_dir, name, int(ctx), hp, pre, tokens, types, merges, specials, tensors)
     logger.info("exported %s -> %s (mamba2, f32, context %d, pre-tokenizer %s)", model_dir, out_path, ctx, pre)

@@ -64,16 +64,20 @@ def _float_list(value: str) -> list[float]:
     return out
 
 
-#: The shortest needle haystack, in tokens (a fact and a little prose).
-MIN_NEEDLE_LENGTH = 16
+#: The shortest needle haystack, in tokens (a fact and a little prose), and the longest: each
+#: haystack is built in memory as text (about 4 bytes a token, per trial and depth).
+MIN_NEEDLE_LENGTH, MAX_NEEDLE_LENGTH = 16, 16_000_000
 
 
 def _lengths(value: str) -> list[int]:
-    """``--lengths``: context lengths in tokens, each >= 16, duplicates dropped."""
+    """``--lengths``: context lengths in tokens, 16 to 16M each, duplicates dropped."""
     out = _int_list(value)
     for n in out:
         if n < MIN_NEEDLE_LENGTH:
             raise argparse.ArgumentTypeError(f"lengths are in tokens, at least {MIN_NEEDLE_LENGTH}; got {n}")
+        if n > MAX_NEEDLE_LENGTH:
+            raise argparse.ArgumentTypeError(f"lengths are in tokens, at most {MAX_NEEDLE_LENGTH:,} (each haystack "
+                                             f"is built in memory); got {n:,}")
     return list(dict.fromkeys(out))
 
 

@@ -226,7 +226,7 @@ def test_read_only_and_full_disks_are_one_line(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("flags, message", [
     (["--depths", "1.5"], "0 (start) to 1 (end)"), (["--depths", "nan"], "0 (start) to 1 (end)"),
     (["--depths", "-0.1"], "0 (start) to 1 (end)"), (["--lengths", "0"], "at least 16"),
-    (["--lengths", "-512"], "at least 16"), (["--distractors", "-3"], ">= 0"), (["--distractors", "inf"], ">= 0"),
+    (["--lengths", "-512"], "at least 16"), (["--lengths", "99999999999"], "at most 16,000,000"), (["--distractors", "-3"], ">= 0"), (["--distractors", "inf"], ">= 0"),
     (["--depths", "0.1234567,0.1234568"], "same to 6 digits"), (["--trials", "0"], ">= 1"),
 ])
 def test_needle_ranges_are_usage_errors(flags, message, capsys):

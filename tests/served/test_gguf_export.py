@@ -225,3 +225,12 @@ def test_the_output_keeps_a_normal_file_mode(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
+
+def test_weights_of_other_shapes_than_the_config_says(tmp_path: Path) -> None:
+    folder = _copy_demo(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "n_groups": 7}))  # ssm_norm cannot split in 7 groups
+    with pytest.raises(InputError, match="shapes config.json describes"):
+        export_gguf(folder, tmp_path / "s.gguf")
+    assert _cli(str(folder), str(tmp_path / "s.gguf")) == 1
