@@ -161,3 +161,22 @@ def test_native_scan_in_the_backend_equals_the_torch_scan(mamba2_lm, monkeypatch
     assert torch.allclose(fast.logits, slow.logits, atol=1e-4)
     for key, value in fast.state.tensors.items():
         assert torch.allclose(value.float(), slow.state.tensors[key].float(), atol=1e-4), key
+
+
+@pytest.mark.parametrize("group_size", [40, 80])
+def test_native_gated_norm_matches_transformers_norm(group_size):
+    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+
+    native = _native()
+    gen = torch.Generator().manual_seed(5)
+    b, t, heads, p = 2, 9, 4, 20
+    norm = MambaRMSNormGated(heads * p, group_size=group_size, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(heads * p, generator=gen))
+    y = torch.randn(b, t, heads, p, generator=gen)
+    wide = torch.randn(b, t, 3 * heads * p, generator=gen)  # x and z as views of one projection
+    x, z = wide[..., :heads * p], wide[..., 2 * heads * p:]
+    D = torch.randn(heads, generator=gen)
+    ref = norm((y + x.view(b, t, heads, p) * D[:, None]).reshape(b, t, -1), z)
+    out = native.gated_norm_tm(y.clone(), x, z, D, norm.weight, heads * p // group_size, 1e-5)
+    assert torch.allclose(out.reshape(b, t, -1), ref, atol=1e-5)

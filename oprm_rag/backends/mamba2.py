@@ -30,6 +30,11 @@ class Mamba2Backend(SSMBackboneBackend):
         self.groups, self.d_inner, self.conv_dim = m.n_groups, m.intermediate_size, m.conv_dim
         self.kernel = m.conv_kernel_size
         self._silu = [is_silu(layer.mixer.act) for layer in self.backbone.layers]  # native conv fuses SiLU
+        # transformers' gated RMS norm, which the native pass after the scan reproduces (float32 only)
+        self._fused_norm = [type(layer.mixer.norm).__name__ == "MambaRMSNormGated"
+                            and isinstance(getattr(layer.mixer.norm, "group_size", None), int)
+                            and layer.mixer.norm.weight.dtype == torch.float32 and layer.mixer.D.dtype == torch.float32
+                            for layer in self.backbone.layers]
         self.chunk_size = int(getattr(model.config, "chunk_size", 64) or 64)
         self.mitigation = mitigation
         if mitigation is not None and hasattr(mitigation, "check_for_model"):
@@ -89,6 +94,15 @@ class Mamba2Backend(SSMBackboneBackend):
                 y = y[:, None]
             else:
                 y, h = self._scan_cpu(x, dt, A, B, C, h0)
+                if self._fused_norm[i] and y.dtype == torch.float32 and gate.dtype == torch.float32:
+                    from ..kernels import native
+
+                    norm = mixer.norm
+                    if native.gated_norm_tm(y, x.reshape(b, t, self.d_inner), gate, mixer.D, norm.weight,
+                                            self.d_inner // int(norm.group_size), float(norm.variance_epsilon)) \
+                            is not None:
+                        new[f"ssm.{i}"] = h
+                        return self.proj(mixer.out_proj)(y.view(b, t, self.d_inner).to(dtype)), new
             new[f"ssm.{i}"] = h
         y = y + x.float() * mixer.D.float()[:, None]
         y = mixer.norm(y.reshape(b, t, self.d_inner), gate)

@@ -547,3 +547,45 @@ int oprm_gemv_bf16(int64_t k, const uint16_t *W, int64_t ld, int64_t nb, const f
     }
     return 0;
 }
+
+/*
+ * What follows the Mamba-2 scan, in one pass per token instead of six torch passes over
+ * [b, t, heads*p]: y <- w * rmsnorm_groups((y + D x) * silu(z)) (transformers'
+ * MambaRMSNormGated with the D skip folded in). y: [b, t, di] (given strides), updated in
+ * place; x, z: [b, t, di] views (unit last stride, given strides); D: [heads] (one per
+ * head of p channels); w: [di]. Runs tokens [start, stop) of the b*t (row-major) tokens.
+ */
+OPRM_CLONES
+int oprm_gated_norm_tm(int64_t t, int64_t heads, int64_t p, float *y, int64_t y_bs, int64_t y_ts,
+                       const float *x, int64_t x_bs, int64_t x_ts, const float *z, int64_t z_bs, int64_t z_ts,
+                       const float *D, const float *w, int64_t norm_groups, float eps, int64_t start, int64_t stop) {
+    const int64_t di = heads * p;
+    if (norm_groups < 1 || di % norm_groups != 0) return -1;
+    const int64_t gs = di / norm_groups;
+    for (int64_t r = start; r < stop; r++) {
+        const int64_t bi = r / t, ti = r % t;
+        float *yr = y + bi * y_bs + ti * y_ts;
+        const float *xr = x + bi * x_bs + ti * x_ts, *zr = z + bi * z_bs + ti * z_ts;
+        for (int64_t hh = 0; hh < heads; hh++) {
+            const float d = D[hh];
+            float *yh = yr + hh * p;
+            const float *xh = xr + hh * p, *zh = zr + hh * p;
+#pragma omp simd
+            for (int64_t q = 0; q < p; q++) {
+                const float g = zh[q];
+                yh[q] = (yh[q] + d * xh[q]) * (g / (1.0f + oprm_expf(-g)));
+            }
+        }
+        for (int64_t ng = 0; ng < norm_groups; ng++) {
+            float *seg = yr + ng * gs;
+            const float *ws = w + ng * gs;
+            float ms = 0.0f;
+#pragma omp simd reduction(+ : ms)
+            for (int64_t q = 0; q < gs; q++) ms += seg[q] * seg[q];
+            const float inv = 1.0f / sqrtf(ms / (float)gs + eps);
+#pragma omp simd
+            for (int64_t q = 0; q < gs; q++) seg[q] = ws[q] * (seg[q] * inv);
+        }
+    }
+    return 0;
+}

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["library", "enabled", "build", "mamba1_scan_tm", "mamba2_scan_tm", "causal_conv_tm", "Mamba2Step",
+__all__ = ["library", "enabled", "build", "mamba1_scan_tm", "mamba2_scan_tm", "gated_norm_tm", "causal_conv_tm", "Mamba2Step",
            "StepLinear", "native_exp", "native_softplus", "parallel_rows", "BUILD_ERROR"]
 
 logger = logging.getLogger("oprm_rag")
@@ -132,6 +132,9 @@ def _bind(lib: Any) -> Any:
     for name in ("oprm_gemv_f32", "oprm_gemv_bf16"):
         getattr(lib, name).argtypes = [i64, fp, i64, i64, fp, i64, fp, fp, i64, i64, i64]
     lib.oprm_gemv_f32.restype = None
+    lib.oprm_gated_norm_tm.argtypes = [i64, i64, i64, fp, i64, i64, fp, i64, i64, fp, i64, i64, fp, fp, i64, f32,
+                                       i64, i64]
+    lib.oprm_gated_norm_tm.restype = ctypes.c_int
     lib.oprm_gemv_bf16.restype = ctypes.c_int
     return lib
 
@@ -324,6 +327,31 @@ def mamba2_scan_tm(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
             raise ValueError("the native Mamba-2 scan does not take these shapes")
 
     parallel_rows(b * heads * blocks, run, threads, work_per_row=2 * t * rows * n)
+    return y
+
+
+def gated_norm_tm(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Tensor, weight: torch.Tensor,
+                  norm_groups: int, eps: float, threads: int | None = None) -> torch.Tensor | None:
+    """``y <- weight * rmsnorm_groups((y + D x) * silu(z))`` in place, in one pass per token
+    (the D skip and transformers' ``MambaRMSNormGated`` after the Mamba-2 scan). ``y``
+    [b, t, heads, p] float32 (unit last stride), ``x`` and ``z`` [b, t, heads*p] views with
+    a unit last stride, ``D`` [heads], ``weight`` [heads*p]. Returns ``y``, or None
+    without the library."""
+    lib = library()
+    if lib is None:
+        return None
+    b, t, heads, p = y.shape
+    if y.stride(-1) != 1 or y.stride(-2) != p:
+        raise ValueError("gated_norm_tm: y must have its heads and channels contiguous")
+    Dc, wc = D.float().contiguous(), weight.float().contiguous()
+    args = [t, heads, p, y.data_ptr(), y.stride(0), y.stride(1), *_bt(x), *_bt(z), Dc.data_ptr(), wc.data_ptr(),
+            int(norm_groups), float(eps)]
+
+    def run(start: int, stop: int) -> None:
+        if lib.oprm_gated_norm_tm(*args, start, stop) != 0:
+            raise ValueError("gated_norm_tm: the channels do not split into the norm's groups")
+
+    parallel_rows(b * t, run, threads, work_per_row=8 * heads * p)
     return y
 
 
