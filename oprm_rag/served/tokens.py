@@ -196,8 +196,8 @@ class ServerTokens(TokenSource):
         return self.client.info().n_vocab or self.learnt_vocab_size
 
     @property
-    def fingerprint(self) -> str:
-        return f"server:{self.client.root_url}:{self.vocab_size}"
+    def fingerprint(self) -> str:  # what the server lists, not what is learnt later: stable from the start
+        return f"server:{self.client.root_url}:{self.client.info().n_vocab}"
 
     def chat_template(self, messages: list[dict[str, str]], **kwargs: Any) -> str | None:
         """The server's chat template applied to ``messages`` (``kwargs`` go to the
