@@ -22,10 +22,9 @@ import logging
 import pytest
 import torch
 
-from oprm_rag import OPRMSelector, RecurrentLM
+from oprm_rag import DocumentStateCache, OPRMSelector, RecurrentLM
 from oprm_rag.backends.hf_cache import CacheBackend
 from oprm_rag.backends.replay import ReplayBackend
-from oprm_rag.cache import DocumentStateCache
 from oprm_rag.scoring import first_token_stats
 from oprm_rag.state import RecurrentState
 from oprm_rag.testing import CACHE_FAMILIES, FALLBACK_FAMILIES
