@@ -166,6 +166,25 @@ def test_wkv6_chunk_size_does_not_change_the_result():
         assert err(out, want_out) < 1e-4 and err(state, want_state) < 1e-4
 
 
+def test_wkv7_chunks_equal_the_token_by_token_scan():
+    import torch.nn.functional as F
+
+    from oprm_rag.backends.rwkv7 import wkv7_chunked, wkv7_scan
+
+    g = torch.Generator().manual_seed(9)
+    b, t, h, n = 2, 70, 2, 16
+    r, k, v = (torch.randn(b, t, h, n, generator=g) for _ in range(3))
+    kk = F.normalize(torch.randn(b, t, h, n, generator=g), dim=-1)
+    a, bb = -kk, kk * torch.rand(b, t, h, n, generator=g)
+    # the strongest decay RWKV-7 has (exp(-0.6065)) and next to none, mixed
+    w = torch.exp(-0.606531 * torch.sigmoid(torch.randn(b, t, h, n, generator=g) * 4))
+    s0 = torch.randn(b, h, n, n, generator=g)
+    want, want_state = wkv7_scan(r, w, k, v, a, bb, s0)
+    for chunk in (1, 7, 32):
+        out, state = wkv7_chunked(r, w, k, v, a, bb, s0, chunk=chunk)
+        assert err(out, want) < 1e-4 and err(state, want_state) < 1e-4
+
+
 # ---------------------------------------------------------------------- loading
 @pytest.mark.parametrize("version", [6, 7])
 def test_hf_folder_loads_the_same_model_as_the_pth(version, tmp_path):

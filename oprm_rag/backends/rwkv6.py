@@ -22,11 +22,33 @@ import torch.nn.functional as F
 
 from .rwkv_native import NativeRwkvBackend, group_norm_heads
 
-__all__ = ["Rwkv6Backend", "wkv6_chunked"]
+__all__ = ["Rwkv6Backend", "wkv6_chunked", "pairwise_decays", "chunk_size"]
 
 # Target floats of one chunk's [b, h, L+1, L, n] pairwise-decay tensor (~16 MiB in float32).
 _CHUNK_FLOATS = 1 << 22
 _MAX_CHUNK = 32
+
+
+def pairwise_decays(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decays between the tokens of one chunk, from its log-decays ``log_w`` [b, h, L, n].
+
+    Returns ``carried`` [b, h, L+1, n], the decay of the chunk's start state before token
+    ``i`` (exp of the sum over tokens 0..i-1), and ``weights`` [b, h, L+1, L, n], the decay
+    of token ``j``'s input before token ``i`` (exp of the sum over j+1..i-1; 0 unless j < i).
+    Row ``L`` is the end of the chunk. Each sum is accumulated from token i-1 back to j.
+    """
+    size = log_w.shape[2]
+    before = torch.ones(size + 1, size, dtype=torch.bool, device=log_w.device).tril(-1)  # [i, j]: j < i
+    terms = torch.where(before[:, :, None], log_w[:, :, None], 0.0)  # [b, h, L+1, L, n]: lw_j for j < i
+    sums = terms.flip(3).cumsum(3).flip(3)  # sums[i, j] = sum of lw over j..i-1
+    carried = torch.exp(sums[:, :, :, 0])
+    between = torch.cat([sums[:, :, :, 1:], torch.zeros_like(sums[:, :, :, :1])], dim=3)  # lw over j+1..i-1
+    return carried, torch.exp(between).masked_fill(~before[:, :, None], 0.0)
+
+
+def chunk_size(b: int, h: int, n: int) -> int:
+    """Tokens per chunk so that one chunk's [b, h, L+1, L, n] decay tensor stays near 4M floats."""
+    return max(1, min(_MAX_CHUNK, int((_CHUNK_FLOATS / max(1, b * h * n)) ** 0.5)))
 
 
 def wkv6_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_w: torch.Tensor, u: torch.Tensor,
@@ -47,20 +69,13 @@ def wkv6_chunked(r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_w: torch
         return out, kv + torch.exp(log_w[:, 0].float())[..., None] * s
     r, k, v, log_w = (z.float().transpose(1, 2) for z in (r, k, v, log_w))  # [b, h, t, n]
     u = u.float().reshape(1, h, 1, n)
-    if chunk is None:
-        chunk = max(1, min(_MAX_CHUNK, int((_CHUNK_FLOATS / max(1, b * h * n)) ** 0.5)))
+    chunk = chunk or chunk_size(b, h, n)
     s = state.float()
     outs = []
     for start in range(0, t, chunk):
         rc, kc, vc, lc = (z[:, :, start:start + chunk] for z in (r, k, v, log_w))
         size = rc.shape[2]
-        before = torch.ones(size + 1, size, dtype=torch.bool, device=r.device).tril(-1)  # [i, j]: j < i
-        terms = torch.where(before[:, :, None], lc[:, :, None], 0.0)  # [b, h, L+1, L, n]: lc_j for j < i
-        # sums[i, j] = sum of lc over j..i-1 (accumulated from i-1 down to j)
-        sums = terms.flip(3).cumsum(3).flip(3)
-        carried = torch.exp(sums[:, :, :, 0])  # [b, h, L+1, n]: decay of the chunk's start state before token i
-        between = torch.cat([sums[:, :, :, 1:], torch.zeros_like(sums[:, :, :, :1])], dim=3)  # lc over j+1..i-1
-        weights = torch.exp(between).masked_fill(~before[:, :, None], 0.0)  # [b, h, L+1, L, n]
+        carried, weights = pairwise_decays(lc)
         scores = torch.einsum("bhtn,bhsn,bhtsn->bhts", rc, kc, weights[:, :, :size])
         scores = scores + torch.diag_embed((rc * u * kc).sum(-1))
         out = scores @ vc + (rc * carried[:, :, :size]) @ s
