@@ -1,21 +1,27 @@
-"""``ModelContext``: the in-process engine, and everything kept per loaded model.
+"""The in-process engines: a ``RecurrentLM`` in this process, and what is kept per model.
 
-A ``RecurrentLM`` loads, tokenises and runs forward passes. What the selector and the
-wrappers keep *about* a model lives here, in one object per model (``lm.context``):
+A ``RecurrentLM`` loads, tokenises and runs forward passes from explicit states. What the
+selector and the wrappers keep *about* a model lives in its engine, one per model
+(:func:`engine_for`):
 
 * the memo of instruction-prefix states (P is computed once per process);
 * the memo of recent documents' tokenisations (a follow-up question needs the token
   ids again, and re-tokenising a long document would cost more than the follow-up);
-* the document state cache (question-independent chunk states);
-* the state handoff (the winning chunk's state, for a chat wrapper to resume from).
+* the document state cache (question-independent chunk states) and the state handoff
+  (the winning chunk's state, for a chat wrapper to resume from): only where states are
+  exact (:class:`LocalEngine`, a :class:`~oprm_rag.engine.base.StatefulEngine`);
+* the prompt service of the chat wrappers (``start_prompt``/``complete``), which resumes
+  from a handed-off state where there is one.
 
-It implements the :class:`~oprm_rag.engine.Engine` seam over exact recurrent states.
+A model whose states cannot be continued exactly runs on :class:`ReplayEngine`: its
+"state" is the token prefix, replayed per chunk, so nothing is worth caching.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -23,21 +29,21 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from .chunking import as_int32
-from .decoding.loop import Decoder, TokenStream
-from .engine import ChunkSize, Engine, Extension, FirstTokens, LogitsWanted
-from .errors import InputError
-from .decoding.config import Generation, GenerationConfig
-from .handoff import StateHandoff
-from .scoring import first_token_stats, idk_token_ids, question_logprob
-from .state import RecurrentState
+from ..chunking import as_int32
+from ..decoding.config import Generation, GenerationConfig
+from ..decoding.loop import Decoder, TokenStream
+from ..errors import InputError
+from ..lm import RecurrentLM
+from ..scoring import first_token_stats, idk_token_ids, question_logprob
+from ..state import RecurrentState
+from .base import ChunkSize, Engine, EngineInfo, Extension, FirstTokens, LogitsWanted, QuestionLikelihood, \
+    StatefulEngine
+from .handoff import HandoffEntry, StateHandoff
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cache import DocumentStateCache
-    from .lm import RecurrentLM
-    from .prompts import PromptTemplate
+    from ..storage.cache import DocumentStateCache
 
-__all__ = ["ModelContext", "PromptStart"]
+__all__ = ["InProcessEngine", "LocalEngine", "ReplayEngine", "PromptStart", "engine_for"]
 
 _ENCODED_MAX_BYTES = 128 * 2**20  # recent tokenisations kept (each at most 1/4 of this)
 _PREFIX_STATES = 8
@@ -58,57 +64,33 @@ class PromptStart:
         return self.reused_tokens > 0
 
 
-class ModelContext(Engine):
-    """The engine over one in-process ``RecurrentLM`` (get it as ``lm.context``)."""
+class InProcessEngine(Engine, QuestionLikelihood):
+    """The engine over one in-process ``RecurrentLM`` (get it with :func:`engine_for` or
+    ``oprm_rag.resolve(lm)``): everything both in-process engines share."""
 
-    def __init__(self, lm: "RecurrentLM", handoff_bytes: int = 256 * 2**20) -> None:
+    def __init__(self, lm: RecurrentLM) -> None:
         self.lm = lm
-        self.handoff = StateHandoff(max_bytes=handoff_bytes)
         self._lock = threading.RLock()
         self._prefixes: "OrderedDict[tuple[int, ...], Extension]" = OrderedDict()
         self._encoded: "OrderedDict[tuple[int, str], tuple[np.ndarray, np.ndarray]]" = OrderedDict()
         self._encoded_bytes = 0
         self._idk: dict[str, frozenset[int]] = {}
-        self._cache: "DocumentStateCache | None" = None
+        self._info: EngineInfo | None = None
 
     # ------------------------------------------------------------------ identity
-    @property
-    def stores_states(self) -> bool:  # type: ignore[override]
-        return bool(self.lm.backend.exact_continuation)
+    def describe(self) -> EngineInfo:
+        """The model's facts (computed once: a loaded model does not change)."""
+        with self._lock:
+            if self._info is None:
+                from ..capacity import auto_chunk_tokens
 
-    @property
-    def supports_left_padding(self) -> bool:  # type: ignore[override]
-        return bool(self.lm.backend.supports_left_padding)
-
-    @property
-    def name(self) -> str:
-        return str(self.lm.name)
-
-    @property
-    def identity(self) -> str:
-        return self.lm.identity
-
-    @property
-    def prompt(self) -> "PromptTemplate":
-        return self.lm.prompt
-
-    @property
-    def position_limit(self) -> int | None:
-        return self.lm.position_limit
-
-    @property
-    def vocab_size(self) -> int:
-        return self.lm.vocab_size
-
-    @property
-    def state_nbytes(self) -> int:
-        return self.lm.state_nbytes
-
-    def auto_chunk(self) -> ChunkSize:
-        from .capacity import auto_chunk_tokens
-
-        size = auto_chunk_tokens(self.lm)
-        return ChunkSize(size.chunk_tokens, size.reason)
+                lm = self.lm
+                size = auto_chunk_tokens(lm)
+                self._info = EngineInfo(name=str(lm.name), identity=lm.identity, prompt=lm.prompt,
+                                        auto_chunk=ChunkSize(size.chunk_tokens, size.reason),
+                                        vocab_size=lm.vocab_size, position_limit=lm.position_limit,
+                                        can_pad=bool(lm.backend.supports_left_padding), family=lm.family)
+            return self._info
 
     # ------------------------------------------------------------------ tokens
     def encode(self, text: str) -> list[int]:
@@ -175,10 +157,6 @@ class ModelContext(Engine):
             self._encoded_bytes = 0
 
     # ------------------------------------------------------------------ running
-    def has_prefix(self, prefix_ids: Sequence[int]) -> bool:
-        with self._lock:
-            return tuple(int(i) for i in prefix_ids) in self._prefixes
-
     def start(self, prefix_ids: Sequence[int]) -> Extension:
         key = tuple(int(i) for i in prefix_ids)
         with self._lock:
@@ -190,23 +168,25 @@ class ModelContext(Engine):
             out = self.lm.prefill(key)
             ext = Extension(out.state, out.logits.reshape(1, -1))
         else:
-            ext = Extension(self.lm.backend.empty_state(1), torch.zeros(1, self.vocab_size))
+            ext = Extension(self.lm.backend.empty_state(1), torch.zeros(1, self.lm.vocab_size))
         with self._lock:
             self._prefixes[key] = ext
             while len(self._prefixes) > _PREFIX_STATES:
                 self._prefixes.popitem(last=False)
         return ext
 
-    def extend(self, states: RecurrentState, rows: Sequence[Sequence[int]], *,
+    def extend(self, states: RecurrentState | None, rows: Sequence[Sequence[int]], *,
                logits: LogitsWanted = "last") -> Extension:
         if not rows:
             raise ValueError("extend needs at least one row")
+        if states is None:
+            states = self.lm.backend.empty_state(1)
         if states.batch_size not in (1, len(rows)):
             raise ValueError(f"{states.batch_size} states for {len(rows)} rows")
         if states.batch_size == 1 and len(rows) > 1:
             states = states.expand(len(rows))
         ids, pads = self._padded(rows)
-        if logits == "none" and not self.stores_states:
+        if logits == "none" and not isinstance(self, StatefulEngine):
             # Token replay: the "state" is the prefix itself; appending runs nothing.
             return Extension(self.lm.backend.append(states, ids), None)
         if len(rows) == 1 and logits == "last" and ids.shape[1] > self.lm.prefill_slice:
@@ -221,7 +201,7 @@ class ModelContext(Engine):
         lengths = {len(r) for r in rows}
         if min(lengths) == 0:
             raise ValueError("every row needs at least one token")
-        if len(lengths) > 1 and not self.supports_left_padding:
+        if len(lengths) > 1 and not self.lm.backend.supports_left_padding:
             raise ValueError(f"the {self.lm.family} backend takes rows of one length per call")
         pad_id = self.lm.tokenizer.pad_token_id or 0
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -229,9 +209,6 @@ class ModelContext(Engine):
         for r, row in enumerate(rows):
             ids[r, width - len(row):] = torch.as_tensor(np.asarray(row, dtype=np.int64))
         return ids, (pads if bool((pads > 0).any()) else None)
-
-    def select_states(self, states: RecurrentState, rows: Sequence[int] | int) -> RecurrentState:
-        return states.select(rows)
 
     def cat_states(self, states: Sequence[RecurrentState]) -> RecurrentState:
         # cached states live on the CPU: bring every part to the model's device first
@@ -263,44 +240,20 @@ class ModelContext(Engine):
         stacked = logits if isinstance(logits, torch.Tensor) else torch.stack(list(logits))
         return Decoder(self.lm, states, stacked, config, prompt_tokens).run()
 
-    # ------------------------------------------------------------------ cache and handoff
-    def document_cache(self) -> "DocumentStateCache | None":
-        """The cache shared by every selector on this model (made on first use); None when
-        the model's states cannot be stored (token replay)."""
-        if not self.stores_states:
-            return None
-        with self._lock:
-            if self._cache is None:
-                from .cache import DocumentStateCache
-
-                self._cache = DocumentStateCache()
-            return self._cache
-
-    def use_document_cache(self, cache: "DocumentStateCache | None" = None, *, max_bytes: int | None = None,
-                           directory: str | Path | None = None) -> "DocumentStateCache":
-        """Replace the shared cache: with ``cache``, or a new one with ``max_bytes`` / ``directory``."""
-        if cache is None:
-            from .cache import DocumentStateCache
-
-            kwargs: dict[str, Any] = {"directory": directory}
-            if max_bytes is not None:
-                kwargs["max_bytes"] = max_bytes
-            cache = DocumentStateCache(**kwargs)
-        with self._lock:
-            self._cache = cache
-        return cache
-
-    def remember(self, ids: Sequence[int], state: RecurrentState, logits: torch.Tensor,
-                 text: str | None = None) -> None:
-        self.handoff.remember(ids, state, logits, text=text)
-
     # ------------------------------------------------------------------ prompts (chat wrappers)
+    def _handed_off(self, ids: Sequence[int]) -> HandoffEntry | None:
+        """The handed-off state that ``ids`` starts with (none where states are not exact)."""
+        return None
+
+    def _handed_off_text(self, prompt: str) -> HandoffEntry | None:
+        return None
+
     def prompt_ids(self, prompt: str | Sequence[int], *, add_special_tokens: bool = True) -> list[int]:
         """Token ids for a prompt; one that starts with a handed-off text reuses its exact ids
         (tokenising the whole prompt could merge tokens across where P, C and Q were cut)."""
         if not isinstance(prompt, str):
             return [int(i) for i in prompt]
-        entry = self.handoff.lookup_text(prompt)
+        entry = self._handed_off_text(prompt)
         if entry is not None:
             rest = prompt[len(entry.text or ""):]
             return list(entry.ids) + (self.lm.encode(rest) if rest else [])
@@ -312,7 +265,7 @@ class ModelContext(Engine):
         ids = self.prompt_ids(prompt, add_special_tokens=add_special_tokens)
         if not ids:
             raise InputError("the prompt is empty: the model needs at least one token to continue from")
-        entry = self.handoff.lookup(ids)
+        entry = self._handed_off(ids)
         if entry is None:
             out = self.lm.prefill(ids)
             return PromptStart(out.state, out.logits.reshape(1, -1), ids, 0)
@@ -330,4 +283,77 @@ class ModelContext(Engine):
                            reused_tokens=started.reused_tokens)
 
     def __repr__(self) -> str:
-        return f"ModelContext({self.lm!r})"
+        return f"{type(self).__name__}({self.lm!r})"
+
+
+class LocalEngine(InProcessEngine, StatefulEngine):
+    """The engine over a model whose states are exact and fixed-size: the document cache,
+    ``prepare()``, the handoff and decoding from a stored state all work."""
+
+    def __init__(self, lm: RecurrentLM, handoff_bytes: int = 256 * 2**20) -> None:
+        super().__init__(lm)
+        self.handoff = StateHandoff(max_bytes=handoff_bytes)
+        self._cache: "DocumentStateCache | None" = None
+
+    @property
+    def state_nbytes(self) -> int:
+        return self.lm.state_nbytes
+
+    def state_nbytes_at(self, tokens: int) -> int:
+        return self.lm.backend.state_nbytes(tokens)
+
+    def has_prefix(self, prefix_ids: Sequence[int]) -> bool:
+        with self._lock:
+            return tuple(int(i) for i in prefix_ids) in self._prefixes
+
+    def document_cache(self) -> "DocumentStateCache":
+        """The cache shared by every selector on this model (made on first use)."""
+        with self._lock:
+            if self._cache is None:
+                from ..storage.cache import DocumentStateCache
+
+                self._cache = DocumentStateCache()
+            return self._cache
+
+    def use_document_cache(self, cache: "DocumentStateCache | None" = None, *, max_bytes: int | None = None,
+                           directory: str | Path | None = None) -> "DocumentStateCache":
+        """Replace the shared cache: with ``cache``, or a new one with ``max_bytes`` / ``directory``."""
+        if cache is None:
+            from ..storage.cache import DocumentStateCache
+
+            kwargs: dict[str, Any] = {"directory": directory}
+            if max_bytes is not None:
+                kwargs["max_bytes"] = max_bytes
+            cache = DocumentStateCache(**kwargs)
+        with self._lock:
+            self._cache = cache
+        return cache
+
+    def remember(self, ids: Sequence[int], state: RecurrentState, logits: torch.Tensor,
+                 text: str | None = None) -> None:
+        self.handoff.remember(ids, state, logits, text=text)
+
+    def _handed_off(self, ids: Sequence[int]) -> HandoffEntry | None:
+        return self.handoff.lookup(ids)
+
+    def _handed_off_text(self, prompt: str) -> HandoffEntry | None:
+        return self.handoff.lookup_text(prompt)
+
+
+class ReplayEngine(InProcessEngine):
+    """The engine over a model on the token-replay backend: every chunk is a full prefill
+    of ``[P, C_i, Q]`` (exact by construction), and there is no state worth caching."""
+
+
+_ENGINES: "weakref.WeakKeyDictionary[RecurrentLM, InProcessEngine]" = weakref.WeakKeyDictionary()
+_ENGINES_LOCK = threading.Lock()
+
+
+def engine_for(lm: RecurrentLM) -> InProcessEngine:
+    """The one engine over ``lm`` in this process (made on first use; it lives as long as ``lm``)."""
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get(lm)
+        if engine is None:
+            engine = LocalEngine(lm) if lm.backend.exact_continuation else ReplayEngine(lm)
+            _ENGINES[lm] = engine
+        return engine

@@ -3,7 +3,7 @@
 The selector finishes each chunk with the state after ``[P, C_i, Q]`` and the
 first-answer logits. A chat model or LLM wrapper that then receives exactly those
 tokens as (the start of) its prompt can resume from that state instead of prefilling
-the chunk again. The registry lives on the shared ``RecurrentLM``, keyed by a hash of
+the chunk again. The registry lives on the model's engine, keyed by a hash of
 the token prefix, bounded in bytes; model state never travels in document metadata.
 """
 
@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .state import RecurrentState
+from ..state import RecurrentState
 
 __all__ = ["StateHandoff", "HandoffEntry", "token_hash"]
 

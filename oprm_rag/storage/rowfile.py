@@ -1,23 +1,10 @@
-"""Safe file writing and checked reading of safetensors files.
+"""Row files: a safetensors file whose tensors all hold one row per item (a document's
+chunk states), written row batch by row batch at fixed offsets (memory: one batch) and
+read back row by row, each row checked against its own SHA-256.
 
-Stored states are trusted only if they read back exactly as written, and files are only
-ever written, read or deleted where they were meant to be:
-
-* :func:`atomic_write_safetensors` / :func:`read_safetensors`: one whole file (a saved
-  ``RecurrentState``) with a SHA-256 of its tensors in the header, written to a temp file
-  that is renamed into place, so a crash never leaves a half-written file under the
-  final name. Any failure of the writer (a full disk makes safetensors raise its own
-  ``SafetensorError``) comes out as an ``OSError`` and leaves no file behind.
-* :class:`SafeDir`: a directory opened once, inside which names are opened, created,
-  renamed and deleted relative to that handle and never through a symbolic link
-  (``O_NOFOLLOW``, ``O_EXCL``, ``dir_fd``), so a planted link cannot send a write, a read
-  or a delete outside it.
-* :class:`RowFileWriter` / :class:`RowFile`: a safetensors file whose tensors all hold one
-  row per item (a document's chunk states), written row batch by row batch at fixed
-  offsets (memory: one batch) and read back row by row, each row checked against its own
-  SHA-256. A table of the row digests, the header's layout and its metadata are covered
-  by one entry digest: plain SHA-256, or HMAC-SHA-256 under a secret key. The files are
-  valid safetensors files (``safe_open`` reads them).
+A table of the row digests, the header's layout and its metadata are covered by one
+entry digest: plain SHA-256, or HMAC-SHA-256 under a secret key. The files are valid
+safetensors files (``safe_open`` reads them).
 """
 
 from __future__ import annotations
@@ -27,22 +14,17 @@ import hashlib
 import hmac as _hmac
 import json
 import os
-import secrets
-import stat
 import struct
-import tempfile
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from .errors import StateFormatError
+from ..errors import StateFormatError
+from .safedir import SafeDir
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["atomic_write_safetensors", "read_safetensors", "tensors_digest", "SafeDir", "SymlinkRefused",
-           "RowFileWriter", "RowFile", "read_safetensors_metadata", "ROW_DIGESTS"]
+__all__ = ["RowFileWriter", "RowFile", "read_safetensors_metadata", "ROW_DIGESTS", "ENTRY_DIGEST_KEY"]
 
-_DIGEST_KEY = "oprm_rag.sha256"
 ENTRY_DIGEST_KEY = "oprm_rag.digest"
 #: The tensor holding one SHA-256 per row, [n, 32] uint8.
 ROW_DIGESTS = "oprm_rag.row_sha256"
@@ -57,203 +39,6 @@ _ST_DTYPES: dict[str, str] = {  # torch dtype name -> safetensors dtype code
 _SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def tensors_digest(tensors: dict[str, "torch.Tensor"]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of the tensors, in name order."""
-    import torch
-
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def atomic_write_safetensors(path: Path, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str]) -> None:
-    """Write a whole safetensors file atomically; any failure raises ``OSError``, no file left."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {str(k): str(v) for k, v in metadata.items()}
-    meta[_DIGEST_KEY] = tensors_digest(tensors)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except OSError:
-            raise
-        except Exception as exc:  # safetensors' SafetensorError on a full disk, among others
-            raise OSError(errno.EIO, f"could not write {path}: {exc}") from exc
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def read_safetensors(path: Path, device: Any = "cpu") -> tuple[dict[str, "torch.Tensor"], dict[str, str]]:
-    """Load tensors and header metadata; raise ``StateFormatError`` on any damage."""
-    from safetensors import safe_open
-
-    try:
-        tensors: dict[str, "torch.Tensor"] = {}
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            meta = dict(fh.metadata() or {})
-            for name in fh.keys():
-                tensors[name] = fh.get_tensor(name)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # safetensors raises several types for bad headers
-        raise StateFormatError(f"{path}: unreadable safetensors file ({exc})") from exc
-    expected = meta.get(_DIGEST_KEY)
-    if expected is None or tensors_digest(tensors) != expected:
-        raise StateFormatError(f"{path}: checksum mismatch (file corrupt or edited)")
-    if device is not None and str(device) != "cpu":
-        tensors = {k: v.to(device) for k, v in tensors.items()}
-    return tensors, meta
-
-
-# ---------------------------------------------------------------------------- directories
-class SymlinkRefused(OSError):
-    """A name that should be a plain file or folder is a symbolic link (or another kind)."""
-
-
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_BINARY = getattr(os, "O_BINARY", 0)
-#: Whether names can be handled relative to a directory handle (Linux, BSD, macOS).
-DIR_FD = bool(_NOFOLLOW and _DIRECTORY) and {os.open, os.rename, os.unlink, os.stat, os.rmdir, os.mkdir} \
-    <= os.supports_dir_fd and os.scandir in os.supports_fd
-
-
-class SafeDir:
-    """A directory held open; names inside it are never followed through symbolic links.
-
-    With ``dir_fd`` support (POSIX) every operation is relative to the open handle, so even
-    a link planted between a check and a use cannot redirect it. Elsewhere, each name is
-    checked with ``lstat`` first (a narrower, but not closed, window).
-    """
-
-    def __init__(self, path: str | Path, *, _fd: int | None = None) -> None:
-        self.path = Path(path)
-        self.fd: int | None = _fd
-        if DIR_FD and _fd is None:
-            self.fd = os.open(str(self.path), os.O_RDONLY | _DIRECTORY | _CLOEXEC)
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> "SafeDir":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    # -- names
-    def _p(self, name: str) -> str:
-        if "/" in name or name in ("", ".", "..") or os.sep in name:
-            raise ValueError(f"not a plain name: {name!r}")
-        return str(self.path / name)
-
-    def lstat(self, name: str) -> os.stat_result:
-        if DIR_FD:
-            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
-        return os.lstat(self._p(name))
-
-    def subdir(self, name: str, create: bool = False) -> "SafeDir":
-        """The folder ``name`` in here; raises ``SymlinkRefused`` if it is a link or not a folder."""
-        self._p(name)
-        if create:
-            try:
-                if DIR_FD:
-                    os.mkdir(name, 0o777, dir_fd=self.fd)
-                else:
-                    os.mkdir(self._p(name), 0o777)
-            except FileExistsError:
-                pass
-        if DIR_FD:
-            try:
-                fd = os.open(name, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC, dir_fd=self.fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR, getattr(errno, "EMLINK", -1)):
-                    raise SymlinkRefused(errno.ELOOP, f"{self.path / name} is a symbolic link or not a folder; "
-                                                      "not following it") from exc
-                raise
-            return SafeDir(self.path / name, _fd=fd)
-        st = os.lstat(self._p(name))
-        if not stat.S_ISDIR(st.st_mode):
-            raise SymlinkRefused(errno.ELOOP, f"{self.path / name} is a symbolic link or not a folder; "
-                                              "not following it")
-        return SafeDir(self.path / name)
-
-    def open_file(self, name: str) -> int:
-        """A read-only descriptor of the regular file ``name`` (never through a link)."""
-        flags = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | _BINARY
-        try:
-            fd = os.open(name, flags, dir_fd=self.fd) if DIR_FD else os.open(self._p(name), flags)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise SymlinkRefused(errno.ELOOP, f"{self.path / name} is a symbolic link; not following it") \
-                    from exc
-            raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise SymlinkRefused(errno.EINVAL, f"{self.path / name} is not a regular file")
-        return fd
-
-    def create_temp(self, prefix: str, suffix: str = ".tmp") -> tuple[str, int]:
-        """A new, empty file ``prefix<random>suffix`` opened for writing (never an existing one)."""
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | _BINARY
-        for _ in range(16):
-            name = f"{prefix}{secrets.token_hex(6)}{suffix}"
-            try:
-                fd = os.open(name, flags, 0o644, dir_fd=self.fd) if DIR_FD else os.open(self._p(name), flags, 0o644)
-            except FileExistsError:
-                continue
-            return name, fd
-        raise FileExistsError(errno.EEXIST, f"no free temporary name in {self.path}")
-
-    def rename(self, src: str, dst: str) -> None:
-        """Atomically move ``src`` over ``dst`` (a link at ``dst`` is replaced, never followed)."""
-        if DIR_FD:
-            os.rename(src, dst, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-        else:
-            os.replace(self._p(src), self._p(dst))
-
-    def unlink(self, name: str) -> None:
-        if DIR_FD:
-            os.unlink(name, dir_fd=self.fd)
-        else:
-            os.unlink(self._p(name))
-
-    def rmdir(self, name: str) -> None:
-        if DIR_FD:
-            os.rmdir(name, dir_fd=self.fd)
-        else:
-            os.rmdir(self._p(name))
-
-    def entries(self) -> Iterator[os.DirEntry]:
-        with os.scandir(self.fd if DIR_FD else str(self.path)) as it:  # type: ignore[arg-type]
-            yield from it
-
-    def fsync(self) -> None:
-        if self.fd is not None:
-            try:
-                os.fsync(self.fd)
-            except OSError:  # some filesystems do not sync folders; the rename is still atomic
-                pass
-
-
-# ---------------------------------------------------------------------------- row files
 def _write_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         n = os.pwrite(fd, data[:_IO_SLICE], offset)
