@@ -130,7 +130,7 @@ def main() -> None:
     lm = setup(args)
 
     from oprm_rag import OPRMSelector
-    from oprm_rag.cache import DocumentStateCache
+    from oprm_rag.storage.cache import DocumentStateCache
     from oprm_rag.demo.recall_task import HELDOUT_SOURCES, IDK_WORD, heldout_prose, near_miss_key, new_keys
 
     facts = args.facts or ([16, 128] if args.quick else [16, 32, 64, 128, 256, 512, 1024])

@@ -28,11 +28,11 @@ def setup(args: argparse.Namespace):
     import torch
 
     from oprm_rag import DEMO_MODEL
-    from oprm_rag.registry import resolve_lm
+    from oprm_rag.engine.resolve import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return resolve_lm(args.model or DEMO_MODEL)
+    return load_model(args.model or DEMO_MODEL)
 
 
 def document_run(description: str, quick: tuple[int, int] = (2048, 256), full: tuple[int, int] = (32768, 1024)):

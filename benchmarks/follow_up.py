@@ -22,11 +22,12 @@ from __future__ import annotations
 import tempfile
 
 from benchmarks.common import parser, recall_document, setup, timed, write
+from oprm_rag import resolve
 
 
 def _case(lm, doc_tokens: int, chunk, disk: bool, repeat: int, long_question: bool) -> dict:
     from oprm_rag import OPRMSelector
-    from oprm_rag.cache import DocumentStateCache
+    from oprm_rag.storage.cache import DocumentStateCache
     from oprm_rag.demo.recall_task import question_for
 
     doc = recall_document(lm, doc_tokens // 28, doc_tokens, seed=3)
@@ -41,7 +42,7 @@ def _case(lm, doc_tokens: int, chunk, disk: bool, repeat: int, long_question: bo
                 DocumentStateCache(max_bytes=8 * 2**30)
 
         def first():
-            lm.context.forget()  # cold: nothing memoised, nothing cached
+            resolve(lm).forget()  # cold: nothing memoised, nothing cached
             cache = make_cache()
             cache.clear(disk=True)
             sel = OPRMSelector(lm, chunk_tokens=chunk, cache=cache)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 from benchmarks.common import parser, recall_document, setup, write
+from oprm_rag import resolve
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
         p0, t0 = lm.counters["prefill_tokens"], time.perf_counter()
         hit = chat.invoke(messages)
         t_hit, p_hit = time.perf_counter() - t0, lm.counters["prefill_tokens"] - p0
-        lm.context.handoff.clear()
+        resolve(lm).handoff.clear()
         p0, t0 = lm.counters["prefill_tokens"], time.perf_counter()
         miss = chat.invoke(messages)
         t_miss, p_miss = time.perf_counter() - t0, lm.counters["prefill_tokens"] - p0

@@ -32,9 +32,9 @@ CHILD = r"""
 import json, sys, time
 from pathlib import Path
 from oprm_rag import DEMO_MODEL, OPRMSelector
-from oprm_rag.registry import resolve_lm
+from oprm_rag.engine.resolve import load_model
 path, question, model, chunk, batch_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-lm = resolve_lm(model or DEMO_MODEL)
+lm = load_model(model or DEMO_MODEL)
 def hwm_kib():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):

@@ -11,6 +11,7 @@ inference prefills P + D + Q once. The ratio says what chunk-level selection cos
 from __future__ import annotations
 
 from benchmarks.common import document_run, recall_document, timed, write
+from oprm_rag import resolve
 
 
 def main() -> None:
@@ -23,7 +24,7 @@ def main() -> None:
     sel = OPRMSelector(lm, chunk_tokens=chunk, cache=False)
     prefix, q_ids = sel._prefix_ids(), sel._question_ids(question)
     doc_ids = lm.encode(doc.text)
-    lm.context.start(prefix)  # the shared prefix: computed once, kept
+    resolve(lm).start(prefix)  # the shared prefix: computed once, kept
 
     t_plain, _ = timed(lambda: lm.prefill(prefix + doc_ids + q_ids), repeat)
     t_oprm, res = timed(lambda: sel.select(question, doc.text), repeat)

@@ -24,6 +24,7 @@ import time
 import torch
 
 from benchmarks.common import parser, recall_document, setup, write
+from oprm_rag import resolve
 
 
 def _question_logprob_ranking(lm, chunks, q_ids: list[int], batch_tokens: int = 8192) -> int:
@@ -49,7 +50,7 @@ def main() -> None:
     from llama_index.llms.oprm import RecurrentLLM
 
     from oprm_rag import OPRMSelector
-    from oprm_rag.cache import DocumentStateCache
+    from oprm_rag.storage.cache import DocumentStateCache
     from oprm_rag.demo.recall_task import question_for
 
     train = lm.training_context_tokens or 512
@@ -77,7 +78,7 @@ def main() -> None:
     methods = {"llm_rerank": [], "question_perplexity": [], "oprm_cold": [], "oprm": []}
     hits = {k: 0 for k in methods}
     failures = {k: 0 for k in methods}
-    lm.context.forget()
+    resolve(lm).forget()
     for fact, span in facts:
         q = question_for(fact.key)
         want = gold(span)

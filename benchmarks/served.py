@@ -105,7 +105,7 @@ def main() -> None:
     lm = setup(args)
 
     from oprm_rag import OPRMSelector
-    from oprm_rag.cache import DocumentStateCache
+    from oprm_rag.storage.cache import DocumentStateCache
     from oprm_rag.demo.recall_task import question_for
     from oprm_rag.gguf_export import export_gguf
     from oprm_rag.served import LlamaServer, OpenAICompatibleLM

@@ -24,6 +24,7 @@ import time
 import torch
 
 from benchmarks.common import parser, recall_document, setup, write
+from oprm_rag import resolve
 
 
 def _nll_by_position(lm, ids: list[int], prefix: list[int], chunk: int | None, bin_size: int) -> list[float]:
@@ -32,7 +33,7 @@ def _nll_by_position(lm, ids: list[int], prefix: list[int], chunk: int | None, b
     nll = []
     pieces = [ids] if chunk is None else [ids[i:i + chunk] for i in range(0, len(ids), chunk)]
     for piece in pieces:
-        start = lm.context.start(prefix)  # computed once per model, then reused
+        start = resolve(lm).start(prefix)  # computed once per model, then reused
         state, prev = start.states, start.logits[0]
         for i in range(0, len(piece), 1024):
             part = torch.tensor([piece[i:i + 1024]])

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing oprm-rag
 
 from oprm_rag import DEMO_MODEL  # noqa: E402
+from oprm_rag import resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     from llama_index.core.schema import Document, NodeWithScore
@@ -89,7 +90,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from llama_index.llms.oprm import RecurrentLLM
     from llama_index.postprocessor.oprm import OPRMNodePostprocessor, OPRMQueryEngine
-    from oprm_rag.registry import resolve_lm
+    from oprm_rag.engine.resolve import load_model
 
     expected = fact = None
     if args.docs is None:
@@ -102,7 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
     t0 = time.perf_counter()
-    lm = resolve_lm(args.model)  # loaded once; every component below shares it
+    lm = load_model(args.model)  # loaded once; every component below shares it
     print(f"model: {lm.name} ({lm.family}), loaded in {time.perf_counter() - t0:.1f}s")
     print(f"documents: {len(documents)}, {sum(len(d.text) for d in documents)} chars")
     print(f"question: {question}" + (f"  (expected: {expected})" if expected else ""))
@@ -130,14 +131,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         node_postprocessors=[oprm],
         text_qa_template=oprm.qa_prompt(),  # the prompt the model was scored (and trained) with
     )
-    hits = lm.context.handoff.hits
+    hits = resolve(lm).handoff.hits
     t0 = time.perf_counter()
     response = wired.query(question)
     print(f"\n[2] standard wiring answer: {response.response.strip()!r}  ({time.perf_counter() - t0:.1f}s, "
-          f"state handoff hits: {lm.context.handoff.hits - hits})")
+          f"state handoff hits: {resolve(lm).handoff.hits - hits})")
     for source in response.source_nodes:
         print(f"    source: {describe(source)}")
-    if lm.context.handoff.hits == hits:
+    if resolve(lm).handoff.hits == hits:
         print("    (no handoff: LlamaIndex's prompt differs from the scored text - it adds node metadata and\n"
               "     strips the chunk's edge whitespace - so the winning chunk was read a second time)")
     return 0

@@ -5,84 +5,70 @@ context into chunks, prefills ``[instruction, chunk, question]`` for every chunk
 batch, scores each chunk by the entropy of the first answer token, drops chunks that
 answer the IDK word, and decodes the answer from the winning chunk's state.
 
-Heavy modules (torch, transformers) load lazily on first use of a name below.
+The public surface is the names below; everything else lives in its module
+(``oprm_rag.results.Usage``, ``oprm_rag.state.RecurrentState``...). Heavy modules
+(torch, transformers) load lazily on first use of a name.
 """
 
 from __future__ import annotations
 
+import warnings
 from importlib import import_module
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-__version__ = "0.1.0"
+from ._about import DEMO_MODEL, __version__
 
-#: Folder of the shipped demo model (a small Mamba-2 trained on associative recall).
-DEMO_MODEL: str = str(Path(__file__).parent / "demo" / "model")
-
-_LAZY = {
-    "RecurrentLM": "oprm_rag.lm",
-    "ModelContext": "oprm_rag.context",
-    "TokenStream": "oprm_rag.decoding.loop",
+#: The public names and the modules that hold them (loaded on first use).
+_PUBLIC = {
     "OPRMSelector": "oprm_rag.selector",
     "SelectorOptions": "oprm_rag.options",
-    "Engine": "oprm_rag.engine",
+    "resolve": "oprm_rag.engine.resolve",
+    "Engine": "oprm_rag.engine.base",
+    "RecurrentLM": "oprm_rag.lm",
+    "OpenAICompatibleLM": "oprm_rag.served.engine",
     "SelectionResult": "oprm_rag.results",
     "Answer": "oprm_rag.results",
-    "AnswerStream": "oprm_rag.results",
     "ChunkScore": "oprm_rag.results",
-    "Chunk": "oprm_rag.results",
-    "Usage": "oprm_rag.results",
-    "RecurrentState": "oprm_rag.state",
-    "DocumentStateCache": "oprm_rag.cache",
-    "PromptTemplate": "oprm_rag.prompts",
     "GenerationConfig": "oprm_rag.decoding.config",
-    "Generation": "oprm_rag.decoding.config",
-    "CollapseMitigation": "oprm_rag.mitigation",
-    "resolve_lm": "oprm_rag.registry",
+    "PromptTemplate": "oprm_rag.prompts",
     "OPRMError": "oprm_rag.errors",
     "InputError": "oprm_rag.errors",
-    "OptionError": "oprm_rag.errors",
     "ModelLoadError": "oprm_rag.errors",
-    "NonFiniteScoresError": "oprm_rag.errors",
     "ServerError": "oprm_rag.errors",
-    "OpenAICompatibleLM": "oprm_rag.served",
+    "load_demo_lm": "oprm_rag.lm",
 }
 
-__all__ = sorted([*_LAZY, "DEMO_MODEL", "load_demo_lm", "__version__"])
+#: Names this package exported before 0.2, kept one release with a warning: (module, name there).
+_MOVED = {
+    "ModelContext": ("oprm_rag.engine.local", "LocalEngine"),
+    "resolve_lm": ("oprm_rag.engine.resolve", "load_model"),
+    "TokenStream": ("oprm_rag.decoding.loop", "TokenStream"),
+    "Generation": ("oprm_rag.decoding.config", "Generation"),
+    "AnswerStream": ("oprm_rag.results", "AnswerStream"),
+    "Chunk": ("oprm_rag.results", "Chunk"),
+    "Usage": ("oprm_rag.results", "Usage"),
+    "RecurrentState": ("oprm_rag.state", "RecurrentState"),
+    "DocumentStateCache": ("oprm_rag.storage.cache", "DocumentStateCache"),
+    "CollapseMitigation": ("oprm_rag.mitigation", "CollapseMitigation"),
+    "OptionError": ("oprm_rag.errors", "OptionError"),
+    "NonFiniteScoresError": ("oprm_rag.errors", "NonFiniteScoresError"),
+}
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .cache import DocumentStateCache
-    from .context import ModelContext
-    from .decoding.loop import TokenStream
-    from .engine import Engine
-    from .errors import InputError, ModelLoadError, NonFiniteScoresError, OPRMError, OptionError, ServerError
-    from .decoding.config import Generation, GenerationConfig
-    from .lm import RecurrentLM
-    from .mitigation import CollapseMitigation
-    from .options import SelectorOptions
-    from .prompts import PromptTemplate
-    from .registry import resolve_lm
-    from .results import Answer, AnswerStream, Chunk, ChunkScore, SelectionResult, Usage
-    from .selector import OPRMSelector
-    from .served import OpenAICompatibleLM
-    from .state import RecurrentState
+__all__ = sorted([*_PUBLIC, "DEMO_MODEL", "__version__"])
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
+    if name in _PUBLIC:
+        value = getattr(import_module(_PUBLIC[name]), name)
         globals()[name] = value
         return value
+    if name in _MOVED:
+        module, new = _MOVED[name]
+        warnings.warn(f"oprm_rag.{name} is deprecated and will be removed in 0.3; use {module}.{new}",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(import_module(module), new)
     raise AttributeError(f"module 'oprm_rag' has no attribute {name!r}")
 
 
-def load_demo_lm(device: str | None = None, **kwargs: Any) -> "RecurrentLM":
-    """Load the shipped demo model (offline, a few MB)."""
-    from .lm import RecurrentLM
-
-    if not (Path(DEMO_MODEL) / "config.json").is_file():
-        from .errors import ModelLoadError
-
-        raise ModelLoadError(f"the demo model is missing from {DEMO_MODEL}; reinstall oprm-rag "
-                                "or run `make train-demo-model` (a fine-tune of training/checkpoints/demo-v1)")
-    return RecurrentLM.from_pretrained(DEMO_MODEL, device=device, **kwargs)
+def __dir__() -> list[str]:
+    return __all__

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .lm import RecurrentLM
 
 __all__ = ["AutoChunk", "auto_chunk_tokens", "state_size_millions", "forget_threshold_tokens"]
 
@@ -44,7 +47,7 @@ class AutoChunk:
     train_tokens: int | None
 
 
-def state_size_millions(lm: Any) -> float:
+def state_size_millions(lm: "RecurrentLM") -> float:
     """Recurrent memory floats per sequence, in millions.
 
     The law's N_S is the recurrent memory: Mamba's SSM state, RecurrentGemma's RG-LRU
@@ -64,7 +67,7 @@ def forget_threshold_tokens(state_millions: float) -> int | None:
     return int(round(k * 1000)) if k > 0 else None
 
 
-def auto_chunk_tokens(lm: Any) -> AutoChunk:
+def auto_chunk_tokens(lm: "RecurrentLM") -> AutoChunk:
     n_s = state_size_millions(lm)
     forget = forget_threshold_tokens(n_s) if lm.family == "mamba2" else None
     trained = lm.training_context_tokens

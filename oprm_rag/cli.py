@@ -18,11 +18,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .decoding.config import GenerationConfig
 from .cli_args import (EXIT_INTERRUPT, EXIT_PIPE, EXIT_USAGE, CLIError, add_model_args, add_selector_args,
                        engine_from_args, positive_int, run_reporting, selector_options_from_args, startup_interrupts)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import Engine
 
 __all__ = ["main"]
 
@@ -94,13 +97,13 @@ def _engine(args: argparse.Namespace) -> Any:
     return engine_from_args(args)
 
 
-def _selector(engine: Any, args: argparse.Namespace) -> Any:
+def _selector(engine: "Engine", args: argparse.Namespace) -> "OPRMSelector":
     from .errors import InputError
     from .selector import OPRMSelector
 
     cache: Any = None
     if getattr(args, "cache_dir", None):
-        from .cache import DocumentStateCache
+        from .storage.cache import DocumentStateCache
 
         try:
             cache = DocumentStateCache(directory=args.cache_dir)

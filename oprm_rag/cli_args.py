@@ -149,13 +149,13 @@ def _load_engine(args: argparse.Namespace) -> Any:
                                       tokenizer=args.tokenizer)
         except OPRMError as exc:
             raise CLIError(str(exc), EXIT_MODEL) from exc
-    from . import DEMO_MODEL
-    from .registry import resolve_lm
+    from ._about import DEMO_MODEL
+    from .engine.resolve import resolve
 
     path = args.model or DEMO_MODEL
     kwargs = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v}
     try:
-        return resolve_lm(path, **kwargs).context
+        return resolve(path, **kwargs)
     except KeyboardInterrupt:
         raise
     except ModelLoadError as exc:

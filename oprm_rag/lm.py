@@ -1,11 +1,10 @@
 """``RecurrentLM``: one loaded model and its tokenizer, shared by everything.
 
-The selector, the document cache and the LangChain / LlamaIndex wrappers all hold the
-same ``RecurrentLM``. It does four things: loading, tokenising, forward passes from
-explicit states (through its backend), and identity (a hash that cache keys include).
-What is kept *about* the model (prefix and tokenisation memos, the document cache, the
-handoff) lives in its :attr:`context`, the in-process engine. Loading happens once,
-here, never in a framework constructor.
+A ``RecurrentLM`` is a loader and a backend: it loads a model (once, here, never in a
+framework constructor), tokenises, runs forward passes from explicit states (through
+its backend) and says what the model is (identity, limits, training length). It keeps
+nothing *about* the model's use: the prefix and tokenisation memos, the document cache
+and the handoff live in its in-process engine (``oprm_rag.resolve(lm)``), which owns it.
 """
 
 from __future__ import annotations
@@ -26,10 +25,9 @@ from .prompts import PromptTemplate
 from .state import RecurrentState
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .context import ModelContext
     from .mitigation import CollapseMitigation
 
-__all__ = ["RecurrentLM"]
+__all__ = ["RecurrentLM", "load_demo_lm"]
 
 logger = logging.getLogger("oprm_rag")
 
@@ -79,7 +77,6 @@ class RecurrentLM:
         self.prompt = prompt or PromptTemplate.for_model(self.model_dir, tokenizer)
         self._lock = threading.RLock()
         self._identity: str | None = None
-        self._context: "ModelContext | None" = None
         self.counters = {"prefill_tokens": 0, "decode_tokens": 0, "forward_calls": 0}
         self.prefill_slice = PREFILL_SLICE
 
@@ -96,6 +93,7 @@ class RecurrentLM:
         trust_remote_code: bool = False,
         allow_missing_weights: bool = False,
         prompt: PromptTemplate | None = None,
+        matmul_dtype: Any = None,
         **hf_kwargs: Any,
     ) -> "RecurrentLM":
         """Load a model and its tokenizer through transformers, checked.
@@ -105,7 +103,9 @@ class RecurrentLM:
         match the architecture (missing, unexpected, wrongly shaped), a truncated
         weights file or a broken config raise :class:`~oprm_rag.errors.ModelLoadError`
         naming them, instead of loading a partly random model; ``allow_missing_weights``
-        opts in to that on purpose (see :mod:`oprm_rag.loading`).
+        opts in to that on purpose (see :mod:`oprm_rag.loading`). ``matmul_dtype``
+        ("bfloat16", "auto" or None) runs the Mamba projections in bf16 on CPU, the
+        recurrence staying float32 (see :mod:`oprm_rag.kernels.precision`).
         """
         from .loading import load_model_and_tokenizer
 
@@ -113,18 +113,13 @@ class RecurrentLM:
         model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, device=device,
                                                     trust_remote_code=trust_remote_code,
                                                     allow_missing_weights=allow_missing_weights, **hf_kwargs)
-        return cls(model, tokenizer, name=path, kernels=kernels, collapse_mitigation=collapse_mitigation,
-                   prompt=prompt)
-
-    @property
-    def context(self) -> "ModelContext":
-        """The in-process engine over this model: memos, document cache, handoff (one per model)."""
-        with self._lock:
-            if self._context is None:
-                from .context import ModelContext
-
-                self._context = ModelContext(self)
-            return self._context
+        lm = cls(model, tokenizer, name=path, kernels=kernels, collapse_mitigation=collapse_mitigation,
+                 prompt=prompt)
+        if matmul_dtype is not None:
+            if not hasattr(lm.backend, "set_matmul_dtype"):
+                raise ValueError(f"matmul_dtype is for the Mamba backends; {lm.family!r} runs in its loaded dtype")
+            lm.backend.set_matmul_dtype(matmul_dtype)
+        return lm
 
     # ------------------------------------------------------------------ facts
     @property
@@ -207,6 +202,9 @@ class RecurrentLM:
         if self._identity is None:
             h = hashlib.sha256()
             h.update(f"{self.name}|{type(self.model).__name__}|{self.dtype}|{self.mitigation!r}".encode())
+            precision = getattr(self.backend, "precision", None)
+            if precision is not None and not precision.exact:  # bf16 products give other states: other keys
+                h.update(precision.label().encode())
             h.update(json.dumps(self.model.config.to_dict(), sort_keys=True, default=str).encode())
             for i, (pname, p) in enumerate(self.model.named_parameters()):
                 if i >= 16:
@@ -229,7 +227,7 @@ class RecurrentLM:
         Long texts are tokenised in slices cut before a space that starts a word, a
         pre-token boundary for byte-level and metaspace tokenisers; each cut is checked
         against tokenising the text around it, and moved if the two disagree. (The
-        model's ``context`` memoises this for follow-up questions.)
+        model's engine memoises this for follow-up questions.)
         """
         from .tokenize import encode_with_offsets
 
@@ -279,3 +277,14 @@ class RecurrentLM:
 
     def __repr__(self) -> str:
         return f"RecurrentLM({self.name!r}, family={self.family!r}, device={self.device}, dtype={self.dtype})"
+
+
+def load_demo_lm(device: str | torch.device | None = None, **kwargs: Any) -> RecurrentLM:
+    """Load the shipped demo model (offline, a few MB)."""
+    from ._about import DEMO_MODEL
+    from .errors import ModelLoadError
+
+    if not (Path(DEMO_MODEL) / "config.json").is_file():
+        raise ModelLoadError(f"the demo model is missing from {DEMO_MODEL}; reinstall oprm-rag "
+                             "or run `make train-demo-model` (a fine-tune of training/checkpoints/demo-v1)")
+    return RecurrentLM.from_pretrained(DEMO_MODEL, device=device, **kwargs)

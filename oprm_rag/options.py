@@ -27,7 +27,7 @@ from .decoding.config import GENERATION_ALIASES
 from .errors import OptionError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import ChunkSize, Engine
+    from .engine.types import ChunkSize, EngineInfo
     from .prompts import PromptTemplate
 
 __all__ = ["SelectorOptions", "OptionSpec", "option_specs", "parse_chunk_tokens", "check_names", "Boundary", "Criterion",
@@ -147,20 +147,21 @@ class SelectorOptions:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     # ------------------------------------------------------------------ resolving against a model
-    def chunk_size(self, engine: "Engine") -> "ChunkSize":
-        """The chunk length for ``engine`` and why: checked against its limits and the overlap."""
-        from .engine import ChunkSize
+    def chunk_size(self, info: "EngineInfo") -> "ChunkSize":
+        """The chunk length for the model ``info`` describes (``Engine.describe()``) and why:
+        checked against its limits and the overlap."""
+        from .engine.types import ChunkSize
 
         value = self.chunk_tokens
         if value is None:
             return ChunkSize(None, "chunk_tokens=None: each document whole in one state (plain inference)")
         if value == "auto":
-            size = engine.auto_chunk()
+            size = info.auto_chunk
             tokens, reason = size.tokens, f"auto: {size.reason}"
         else:
             tokens, reason = int(value), f"chunk_tokens={value} (set explicitly)"
         assert tokens is not None
-        limit = engine.position_limit
+        limit = info.position_limit
         if limit is not None and tokens >= limit:
             if value == "auto":
                 tokens, reason = limit // 2, f"{reason}; halved to fit the model's {limit} positions"

@@ -21,16 +21,16 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from .cache import Claim, DocStates, DiskEntry, EntryWriter, cache_key
+from .storage.cache import DocumentSession, cache_key
 from .chunking import DocumentTokens, chunk_document
-from .engine import Engine, Extension
+from .engine import Engine, EngineInfo, Extension, QuestionLikelihood, StatefulEngine
 from .memory import release_free_memory
 from .errors import InputError, NonFiniteScoresError, StateFormatError
 from .results import Chunk, ChunkScore, SelectionResult, Usage
 from .scoring import CandidatePool, confirm_idk, drop_reason
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cache import DocumentStateCache
+    from .storage.cache import DocumentStateCache
     from .engine import ChunkSize
     from .options import SelectorOptions
 
@@ -84,16 +84,18 @@ class ScoredRow:
 
 @dataclass(eq=False)
 class Document:
-    """A document as the run sees it: its tokens, its chunks, and its cache entry."""
+    """A document as the run sees it: its tokens, its chunks, and where its chunk states
+    come from and go to (its cache session; None without a cache)."""
 
     uid: int
     token_ids: "np.ndarray"  # the whole document's (its offsets are not kept once it is chunked)
     chunks: list[Chunk]
-    key: str | None = None
-    claim: Claim | None = None
-    cached: DocStates | DiskEntry | None = None
-    writer: EntryWriter | None = None  # streams this document's chunk states into the cache
-    added: int = 0
+    source: DocumentSession | None = None
+
+    @property
+    def cached(self) -> bool:
+        """Its chunk states come from the cache."""
+        return self.source is not None and self.source.ready
 
 
 @dataclass
@@ -153,6 +155,11 @@ class ScoringRun:
     _of: dict[int, list[tuple[Question, int]]] = field(default_factory=dict)
     _token_text: dict[int, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        #: The engine's facts and whether its states are exact and held here (asked once).
+        self.info: EngineInfo = self.engine.describe()
+        self.stateful: StatefulEngine | None = self.engine if isinstance(self.engine, StatefulEngine) else None
+
     @property
     def need_logits(self) -> bool:
         """The question-likelihood criterion needs every position's logits."""
@@ -170,8 +177,8 @@ class ScoringRun:
         """Stream over chunk batches, yielding each batch's scored rows. Consume it fully:
         the questions' pools and scores fill in as it goes."""
         engine = self.engine
-        stores = engine.stores_states
-        known = engine.has_prefix(self.prefix_ids)
+        stores = self.stateful is not None
+        known = self.stateful is not None and self.stateful.has_prefix(self.prefix_ids)
         self.prefix = engine.start(self.prefix_ids)
         for q in self.questions:
             for pos, uid in enumerate(q.doc_uids):
@@ -179,21 +186,18 @@ class ScoringRun:
             q.tokens += 0 if (known or not stores) else len(self.prefix_ids)
         progress = self._progress(sum(len(d.chunks) for d in self.docs))
         try:
-            self._claim()  # inside the try: a failure part-way abandons what was claimed
-            pending = [d for d in self.docs if d.claim is not None and d.claim.status == "wait"]
+            self._open_sources()  # inside the try: a failure part-way abandons what was claimed
+            pending = [d for d in self.docs if d.source is not None and d.source.waiting]
             ready = [d for d in self.docs if d not in pending]
             yield from self._process(ready, progress)
             for d in pending:  # another thread was computing these: take its result, or compute
-                assert d.claim is not None and self.cache is not None
-                d.claim = self.cache.wait(d.claim, engine.identity)
-                self._take(d)
+                assert d.source is not None
+                d.source.wait()
                 yield from self._process([d], progress)
         except BaseException:
             for d in self.docs:
-                if d.writer is not None:
-                    d.writer.abort()
-                elif d.claim is not None and d.claim.status == "own" and self.cache is not None:
-                    self.cache.abandon(d.claim.key)
+                if d.source is not None:
+                    d.source.abort()
             raise
         finally:
             if progress is not None:
@@ -206,30 +210,25 @@ class ScoringRun:
 
         return tqdm(total=total, desc="OPRM scoring", unit="chunk", leave=False)
 
-    def _claim(self) -> None:
-        if self.cache is None or not self.engine.stores_states:
+    def _open_sources(self) -> None:
+        """Each document's cache session: its rows where cached, else the job of storing them."""
+        if self.cache is None or self.stateful is None:
             return
-        per_chunk = self.engine.state_nbytes + 4 * (self.engine.vocab_size or 0)
+        per_chunk = self._row_state_bytes() + 4 * (self.info.vocab_size or 0)
         for d in self.docs:
             if not self.cache.fits(per_chunk * len(d.chunks)):
                 continue  # too big to keep: stream it, memory stays bounded
-            d.key = cache_key(self.engine.identity, self.prefix_ids, self.chunking, d.token_ids)
-            d.claim = self.cache.claim(d.key, self.engine.identity)
-            self._take(d)
+            key = cache_key(self.engine.identity, self.prefix_ids, self.chunking, d.token_ids)
+            d.source = self.cache.session(key, self.engine.identity, [(c.token_start, c.token_end) for c in d.chunks],
+                                          {"chunking": str(self.chunking)})
 
-    def _take(self, d: Document) -> None:
-        """Use a cache hit, or open a writer for the chunk states this run computes."""
-        assert self.cache is not None and d.claim is not None and d.key is not None
-        spans = [(c.token_start, c.token_end) for c in d.chunks]
-        if d.claim.status == "hit":
-            assert d.claim.entry is not None
-            if [tuple(s) for s in d.claim.entry.spans] == spans:
-                d.cached = d.claim.entry
-                return
-            logger.warning("cached chunk spans differ from this chunking; recomputing")
-            d.claim = Claim("own", d.key)
-        if d.claim.status == "own":
-            d.writer = self.cache.open_writer(d.key, self.engine.identity, spans, {"chunking": str(self.chunking)})
+    def _row_state_bytes(self) -> int:
+        """Bytes of one row's state after [P, C_i, Q] at the longest chunk and question here
+        (attention keys make a state grow with its tokens; fixed-size states do not)."""
+        longest = max((c.num_tokens for d in self.docs for c in d.chunks), default=0)
+        asked = max((len(q.ids) for q in self.questions), default=0)
+        assert self.stateful is not None, "only exact states are cached"
+        return self.stateful.state_nbytes_at(len(self.prefix_ids) + longest + asked)
 
     def _process(self, docs: list[Document], progress: Any) -> Iterator[list[ScoredRow]]:
         items = [(d, c) for d in docs for c in d.chunks]
@@ -238,7 +237,7 @@ class ScoringRun:
             release_free_memory()
             for r, (d, c) in enumerate(part):
                 for q, _ in self._of.get(d.uid, []):
-                    if computed[r] and self.engine.stores_states:
+                    if computed[r] and self.stateful is not None:
                         q.tokens += c.num_tokens
                     elif not computed[r]:
                         q.cached_chunks += 1
@@ -259,16 +258,18 @@ class ScoringRun:
         question over thousands of cached chunks is a few model calls, not one per
         chunk-sized batch. Ordered runs (summaries) keep document order.
         """
-        budget, can_pad = self.options.max_batch_tokens, self.engine.supports_left_padding
+        budget, can_pad = self.options.max_batch_tokens, self.info.can_pad
         if self.ordered:
             for batch in plan_batches([c.num_tokens for _, c in items], budget, can_pad, ordered=True):
                 yield [items[i] for i in batch]
             return
-        fresh = [it for it in items if it[0].cached is None]
-        cached = [it for it in items if it[0].cached is not None]
+        fresh = [it for it in items if not it[0].cached]
+        cached = [it for it in items if it[0].cached]
         for batch in plan_batches([c.num_tokens for _, c in fresh], budget, can_pad):
             yield [fresh[i] for i in batch]
-        cap = max(1, CACHED_BATCH_STATE_BYTES // max(1, self.engine.state_nbytes))
+        if not cached:
+            return
+        cap = max(1, CACHED_BATCH_STATE_BYTES // max(1, self._row_state_bytes()))
         part: list[tuple[Document, Chunk]] = []
         cost = 0
         for d, c in cached:
@@ -282,22 +283,17 @@ class ScoringRun:
             yield part
 
     def _store(self, part: list[tuple[Document, Chunk]], states: Any, end_logits: Any, computed: list[bool]) -> None:
-        """Stream this batch's computed chunk states into their documents' cache writers:
+        """Stream this batch's computed chunk states into their documents' cache sessions:
         memory with a cache stays within its budget plus one batch, whatever the document."""
         by_doc: dict[int, list[int]] = {}
         for r, (d, _) in enumerate(part):
-            if d.writer is not None and computed[r]:
+            if d.source is not None and not d.source.ready and computed[r]:
                 by_doc.setdefault(d.uid, []).append(r)
         for rows in by_doc.values():
             d = part[rows[0]][0]
-            assert d.writer is not None
-            d.writer.add([part[r][1].index for r in rows], self.engine.select_states(states, rows),
-                         end_logits[rows] if end_logits is not None else None)
-            d.added += len(rows)
-            if d.added == len(d.chunks):
-                d.writer.commit()
-                d.writer = None
-                d.claim = Claim("hit", d.key)
+            assert d.source is not None
+            d.source.store([part[r][1].index for r in rows], self.engine.select_states(states, rows),
+                           end_logits[rows] if end_logits is not None else None)
 
     def _chunk_states(self, part: list[tuple[Document, Chunk]]) -> tuple[Any, Any, list[bool]]:
         """States after [P, C_i] for a batch of chunks: from the cache, or one model call.
@@ -314,19 +310,19 @@ class ScoringRun:
         sources: list[tuple[Any, Any, list[int]]] = []  # (states, stacked logits or None, rows of part)
         covered: set[int] = set()
         for d, rows in _rows_by_document(part).items():
-            if d.cached is None:
+            if not d.cached:
                 continue
+            assert d.source is not None
             try:
-                st, lg = d.cached.rows([part[r][1].index for r in rows])
+                st, lg = d.source.rows([part[r][1].index for r in rows])
             except StateFormatError as exc:  # the file changed under us: compute these chunks
                 logger.warning("cached chunk states unreadable (%s); computing them", exc)
-                d.cached = None
                 continue
             sources.append((st, lg, rows))
             covered.update(rows)
         todo = [r for r in range(len(part)) if r not in covered]
         if todo:
-            want = "last" if (engine.stores_states or self.need_logits) else "none"
+            want = "last" if (self.stateful is not None or self.need_logits) else "none"
             assert self.prefix is not None
             ext = engine.extend(self.prefix.states, [part[r][1].token_ids for r in todo], logits=want)
             lg = ext.logits
@@ -352,7 +348,7 @@ class ScoringRun:
         rows = [(q, pos, r) for r, (d, _) in enumerate(part) for q, pos in self._of.get(d.uid, [])]
         scored: list[ScoredRow] = []
         for batch in plan_batches([len(rows[i][0].ids) for i in range(len(rows))], opts.max_batch_tokens,
-                                  engine.supports_left_padding):
+                                  self.info.can_pad):
             sel = [rows[i] for i in batch]
             st = engine.select_states(states, [r for _, _, r in sel])
             q_rows = [q.ids for q, _, _ in sel]
@@ -364,12 +360,13 @@ class ScoringRun:
                 if end_logits is None:
                     raise InputError("criterion='question_likelihood' needs the logits after each chunk, "
                                      "which this model does not give")
+                assert isinstance(engine, QuestionLikelihood)  # the selector refuses the criterion otherwise
                 qlp = engine.question_logprobs(end_logits[[r for _, _, r in sel]], ext, q_rows)
             for j, (q, pos, r) in enumerate(sel):
                 d, c = part[r]
                 full = len(self.prefix_ids) + c.num_tokens + len(q.ids)
                 q.nominal += full
-                q.tokens += len(q.ids) if engine.stores_states else full
+                q.tokens += len(q.ids) if self.stateful is not None else full
                 q.exact = q.exact and first.exact
                 score = self._score(first, j, c.at(pos), qlp[j] if qlp is not None else None, q, idk[j])
                 q.scores.append(score)
@@ -427,7 +424,7 @@ class ScoringRun:
                 remember(cand, q, self.prefix_ids)
         usage = Usage(input_tokens=q.tokens, nominal_input_tokens=q.nominal, chunks=len(scores),
                       cached_chunks=q.cached_chunks, chunk_tokens=self.chunk.tokens,
-                      chunk_tokens_reason=self.chunk.reason, token_counting=self.engine.token_counting,
+                      chunk_tokens_reason=self.chunk.reason, token_counting=self.info.token_counting,
                       entropy_exact=q.exact)
         return SelectionResult(q.text, scores, [c.score for c in cands], all_idk, idk_word, usage,
                                fallback_used, Winners(cands, list(self.prefix_ids), list(q.ids)))

@@ -10,9 +10,9 @@ For a question Q and documents cut into chunks C_1..C_N::
 
 The selector is a facade: options come from :class:`~oprm_rag.options.SelectorOptions`,
 the pass over chunk batches is :class:`~oprm_rag.pipeline.ScoringRun`, the model is
-reached only through the :class:`~oprm_rag.engine.Engine` seam (in process:
-``lm.context``; a server: ``oprm_rag.served.OpenAICompatibleLM``), and results are the
-types of :mod:`oprm_rag.results`.
+resolved once into an :class:`~oprm_rag.engine.Engine` (``oprm_rag.resolve``: in
+process, or ``oprm_rag.served.OpenAICompatibleLM`` for a server) and reached only
+through it, and results are the types of :mod:`oprm_rag.results`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-from .engine import Engine
+from .engine import Engine, QuestionLikelihood, StatefulEngine
+from .engine.resolve import ModelLike, resolve
 from .errors import InputError, InputTypeError, OptionError
 from .decoding.config import GENERATION_ALIASES, SELECTION_NAMES, SUMMARY_MAX_NEW_TOKENS, GenerationConfig
 from .options import SelectorOptions
@@ -29,10 +30,10 @@ from .results import Answer, AnswerStream, SelectionResult, Usage
 from .scoring import CandidatePool
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cache import DocumentStateCache
+    from .storage.cache import DocumentStateCache
     from .lm import RecurrentLM
 
-__all__ = ["OPRMSelector", "SelectionResult", "Answer", "AnswerStream", "resolve_engine"]
+__all__ = ["OPRMSelector", "SelectionResult", "Answer", "AnswerStream"]
 
 logger = logging.getLogger("oprm_rag")
 
@@ -40,23 +41,6 @@ logger = logging.getLogger("oprm_rag")
 #: argument) and the names that mean selection here (``top_k``).
 _SAMPLING = {k: v for k, v in GENERATION_ALIASES.items()
              if k not in SELECTION_NAMES and v != "max_new_tokens"}
-
-
-def resolve_engine(model: Any) -> Engine:
-    """The engine for ``model``: an ``Engine`` itself, a ``RecurrentLM``'s context, or the
-    process-wide shared model loaded from a path or hub name."""
-    from .lm import RecurrentLM
-
-    if isinstance(model, Engine):
-        return model
-    if isinstance(model, RecurrentLM):
-        return model.context
-    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        from .registry import resolve_lm
-
-        return resolve_lm(model).context
-    raise OptionError(f"model must be a RecurrentLM, an Engine (e.g. OpenAICompatibleLM) or a path / hub name, "
-                      f"got {type(model).__name__}")
 
 
 class OPRMSelector:
@@ -71,30 +55,30 @@ class OPRMSelector:
             bool (the ``cache`` option).
     """
 
-    def __init__(self, model: Any, options: SelectorOptions | Mapping[str, Any] | None = None, /, *,
+    def __init__(self, model: "ModelLike", options: SelectorOptions | Mapping[str, Any] | None = None, /, *,
                  cache: "DocumentStateCache | bool | None" = None, **option_kwargs: Any) -> None:
-        from .cache import DocumentStateCache
+        from .storage.cache import DocumentStateCache
 
         if isinstance(cache, bool):
             option_kwargs["cache"] = cache
         elif cache is not None and not isinstance(cache, DocumentStateCache):
             raise OptionError(f"cache must be a DocumentStateCache or a bool, got {type(cache).__name__}")
         self.options = SelectorOptions.build(options, **option_kwargs)
-        self.engine = resolve_engine(model)
-        if self.options.criterion == "question_likelihood" and not self.engine.full_logits:
+        self.engine: Engine = resolve(model)
+        if self.options.criterion == "question_likelihood" and not isinstance(self.engine, QuestionLikelihood):
             raise OptionError(f"criterion='question_likelihood' needs every position's full logits; "
                               f"{self.engine.name} gives only top-k log-probabilities. Use criterion='entropy'.")
         prompt = self.options.prompt or self.engine.prompt
         if self.options.idk_word is not None:
             prompt = prompt.with_idk_word(self.options.idk_word)
         self.prompt = prompt
-        self.chunk = self.options.chunk_size(self.engine)
+        self.chunk = self.options.chunk_size(self.engine.describe())
         self.cache: DocumentStateCache | None = None
         if isinstance(cache, DocumentStateCache):
-            if not self.engine.stores_states:
+            if not isinstance(self.engine, StatefulEngine):
                 raise OptionError(f"{self.engine.name} keeps no states this process can store; drop cache=")
             self.cache = cache
-        elif self.options.cache:
+        elif self.options.cache and isinstance(self.engine, StatefulEngine):
             self.cache = self.engine.document_cache()
         self._idk_ids = self.engine.idk_token_ids(self.prompt.idk_word)
 
@@ -107,10 +91,11 @@ class OPRMSelector:
     @property
     def lm(self) -> "RecurrentLM":
         """The in-process model (only for selectors over a ``RecurrentLM``)."""
-        lm = getattr(self.engine, "lm", None)
-        if lm is None:
+        from .engine.local import InProcessEngine
+
+        if not isinstance(self.engine, InProcessEngine):
             raise AttributeError(f"{self.engine.name} is not an in-process RecurrentLM")
-        return lm
+        return self.engine.lm
 
     def prompt_text(self, question: str, chunk_text: str) -> str:
         """The exact text of ``[P, C, Q]``: what a chat model or LLM must receive for the handoff."""
@@ -199,6 +184,8 @@ class OPRMSelector:
         return [run.finish(q, self.prompt.idk_word, remember) for q in questions]
 
     def _remember(self, cand: Candidate, q: Question, prefix_ids: list[int]) -> None:
+        if not isinstance(self.engine, StatefulEngine):
+            return  # no state in this process to hand off
         chunk = cand.score.chunk
         self.engine.remember(prefix_ids + chunk.ids + q.ids, cand.after_question, cand.first_logits,
                              text=self.prompt_text(q.text, chunk.text))
@@ -209,10 +196,10 @@ class OPRMSelector:
         Returns the number of chunks now cached. Needs a cache and a model whose states
         can be stored.
         """
-        if self.cache is None or not self.engine.stores_states:
+        stateful = isinstance(self.engine, StatefulEngine)
+        if self.cache is None or not stateful:
             raise OptionError(f"prepare() needs a document cache and a model whose states can be stored; "
-                              f"{self.engine.name} " + ("has none" if self.engine.stores_states
-                                                        else "keeps no reusable states"))
+                              f"{self.engine.name} " + ("has none" if stateful else "keeps no reusable states"))
         docs = [tokenize_document(self.engine, t, i, self.chunk, self.options)
                 for i, t in enumerate(self._documents(documents))]
         for _ in self._run([], docs).run():

@@ -177,7 +177,7 @@ class RecurrentState:
 
     def save(self, path: "str | Path", metadata: dict[str, str] | None = None) -> None:
         """Write to a safetensors file (atomically: temp file, then rename)."""
-        from .io_utils import atomic_write_safetensors
+        from .storage.atomic import atomic_write_safetensors
 
         meta = dict(metadata or {})
         meta[_FAMILY_KEY] = self.family
@@ -187,7 +187,7 @@ class RecurrentState:
     def load(cls, path: "str | Path", device: "Any" = "cpu",
              expect_metadata: dict[str, str] | None = None) -> "RecurrentState":
         """Read a state saved by :meth:`save`; any damage raises :class:`StateFormatError`."""
-        from .io_utils import read_safetensors
+        from .storage.atomic import read_safetensors
 
         tensors, meta = read_safetensors(Path(path), device=device)
         family = meta.get(_FAMILY_KEY)

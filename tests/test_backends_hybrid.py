@@ -28,6 +28,8 @@ from oprm_rag.backends.replay import ReplayBackend
 from oprm_rag.scoring import first_token_stats
 from oprm_rag.state import RecurrentState
 from oprm_rag.testing import CACHE_FAMILIES, FALLBACK_FAMILIES
+from oprm_rag import resolve
+from oprm_rag.engine import StatefulEngine
 
 DOC = ("The code of alpha is 1234. Mamba models keep a fixed size state. Long documents overflow that state. "
        "OPRM splits the context into chunks and scores each chunk. The code of beta is 5678. ") * 2
@@ -179,7 +181,7 @@ def test_sliding_window_transformers_keep_the_replay_and_say_why(model_dir, fami
 
 def test_a_transformer_on_stored_states_keeps_its_position_limit(load_lm):
     lm = load_lm("llama")
-    assert lm.backend.exact_continuation and lm.position_limit == lm.model.config.max_position_embeddings
+    assert isinstance(resolve(lm), StatefulEngine) and lm.position_limit == lm.model.config.max_position_embeddings
     assert load_lm("xlstm").position_limit is None  # purely recurrent: no positions
 
 

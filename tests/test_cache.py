@@ -9,7 +9,8 @@ import textwrap
 import pytest
 
 from oprm_rag import OPRMSelector
-from oprm_rag.cache import DocumentStateCache
+from oprm_rag.storage.cache import DocumentStateCache
+from oprm_rag import resolve
 
 DOC = ("The code of alpha is 1234. Mamba models keep a fixed size state. " * 8
        + "OPRM splits the context into chunks. The code of beta is 5678. " * 5)
@@ -40,7 +41,7 @@ def test_a_new_process_reads_the_states_written_by_another(model_dir, load_lm, t
     path = model_dir("mamba2")
     script = textwrap.dedent(f"""
         from oprm_rag import RecurrentLM, OPRMSelector
-        from oprm_rag.cache import DocumentStateCache
+        from oprm_rag.storage.cache import DocumentStateCache
         lm = RecurrentLM.from_pretrained({str(path)!r})
         sel = OPRMSelector(lm, chunk_tokens=32, cache=DocumentStateCache(directory={str(tmp_path)!r}))
         print(sel.prepare({DOC!r}))
@@ -248,7 +249,7 @@ def test_a_row_changed_after_opening_is_detected_when_read(tmp_path):
 @pytest.mark.parametrize("fault", ["enospc_at_allocation", "enospc_mid_write", "foreign_exception"])
 def test_a_failed_cache_write_logs_a_warning_and_the_answer_goes_through(load_lm, tmp_path, caplog, monkeypatch,
                                                                            fault):
-    import oprm_rag.io_utils as io_utils
+    import oprm_rag.storage.rowfile as io_utils
 
     lm = load_lm("mamba2")
     want = OPRMSelector(lm, chunk_tokens=32, cache=False).answer(Q1, DOC, max_new_tokens=4)
@@ -284,7 +285,7 @@ def test_a_real_file_size_limit_does_not_fail_the_question(model_dir, tmp_path):
         import logging, resource, signal
         logging.basicConfig(level=logging.WARNING)
         from oprm_rag import RecurrentLM, OPRMSelector
-        from oprm_rag.cache import DocumentStateCache
+        from oprm_rag.storage.cache import DocumentStateCache
         lm = RecurrentLM.from_pretrained({str(path)!r})
         want = OPRMSelector(lm, chunk_tokens=32, cache=False).answer({Q1!r}, {DOC!r}, max_new_tokens=4).text
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -301,13 +302,13 @@ def test_a_real_file_size_limit_does_not_fail_the_question(model_dir, tmp_path):
 
 
 def test_put_never_raises_for_a_storage_failure(tmp_path, monkeypatch, caplog):
-    import oprm_rag.io_utils as io_utils
+    import oprm_rag.storage.rowfile as io_utils
 
     def fallocate(fd, offset, length):
         raise OSError(errno.EDQUOT, "Disk quota exceeded")
     monkeypatch.setattr(io_utils.os, "posix_fallocate", fallocate)
     cache = DocumentStateCache(directory=tmp_path)
-    from oprm_rag.cache import DocStates
+    from oprm_rag.storage.cache import DocStates
 
     with caplog.at_level(logging.WARNING, logger="oprm_rag"):
         cache.put(KEY_A, DocStates(_states(range(3)), torch.zeros(3, 5), [(0, 1), (1, 2), (2, 3)]), "model-x")
@@ -423,7 +424,7 @@ def test_a_cache_directory_that_is_a_file_is_an_input_error(tmp_path):
 def _relabel(path, new_key, key=None):
     """What someone who can write the folder (but has no secret) can do: change an entry's
     key and recompute its plain checksum."""
-    from oprm_rag.io_utils import ENTRY_DIGEST_KEY, ROW_DIGESTS, _entry_digest
+    from oprm_rag.storage.rowfile import ENTRY_DIGEST_KEY, ROW_DIGESTS, _entry_digest
 
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
@@ -480,7 +481,7 @@ def test_with_a_key_relabelled_tampered_and_unkeyed_entries_are_rejected(tmp_pat
 _RSS_SCRIPT = r"""
 import json, os, resource, sys, torch
 torch.set_num_threads(1)
-from oprm_rag.cache import DocumentStateCache
+from oprm_rag.storage.cache import DocumentStateCache
 from oprm_rag.state import RecurrentState
 
 MiB = 2**20
@@ -530,15 +531,15 @@ def test_writing_and_reading_a_large_entry_keeps_memory_within_the_budget_plus_a
 
 
 def test_the_models_shared_cache_can_be_replaced(load_lm, tmp_path):
-    """``lm.context.use_document_cache`` swaps the cache every selector on the model shares."""
+    """``resolve(lm).use_document_cache`` swaps the cache every selector on the model shares."""
     from oprm_rag import OPRMSelector
 
     lm = load_lm("mamba2")
-    before = lm.context.document_cache()
+    before = resolve(lm).document_cache()
     try:
-        cache = lm.context.use_document_cache(max_bytes=1 << 20, directory=tmp_path / "c")
+        cache = resolve(lm).use_document_cache(max_bytes=1 << 20, directory=tmp_path / "c")
         assert OPRMSelector(lm, chunk_tokens=32).cache is cache and cache is not before
         OPRMSelector(lm, chunk_tokens=32).select("What is the code of alpha?", "The code of alpha is 1234. " * 8)
         assert any((tmp_path / "c").rglob("*.safetensors"))
     finally:
-        lm.context.use_document_cache(before)
+        resolve(lm).use_document_cache(before)

@@ -6,6 +6,7 @@ import torch
 from oprm_rag.decoding.config import GenerationConfig
 from oprm_rag.decoding.text import TextAssembler
 from oprm_rag.testing import tiny_tokenizer
+from oprm_rag import resolve
 
 
 def _feed(asm, text):
@@ -59,17 +60,17 @@ def test_config_validation():
 def test_sampling_is_reproducible_with_a_seed(load_lm):
     lm = load_lm("mamba")
     cfg = GenerationConfig(max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.95, seed=11)
-    a = lm.context.complete("The code of", cfg).text()
-    b = lm.context.complete("The code of", cfg).text()
-    c = lm.context.complete("The code of", GenerationConfig(max_new_tokens=8, temperature=1.0, seed=12)).text()
+    a = resolve(lm).complete("The code of", cfg).text()
+    b = resolve(lm).complete("The code of", cfg).text()
+    c = resolve(lm).complete("The code of", GenerationConfig(max_new_tokens=8, temperature=1.0, seed=12)).text()
     assert a == b
-    assert len(lm.context.complete("The code of", cfg).result.token_ids) <= 8
+    assert len(resolve(lm).complete("The code of", cfg).result.token_ids) <= 8
     assert isinstance(c, str)
 
 
 def test_complete_counts_tokens_and_reports_finish(load_lm):
     lm = load_lm("mamba2")
-    stream = lm.context.complete("The code of alpha is", GenerationConfig(max_new_tokens=5))
+    stream = resolve(lm).complete("The code of alpha is", GenerationConfig(max_new_tokens=5))
     pieces = list(stream)
     r = stream.result
     assert "".join(pieces) == r.text
@@ -86,6 +87,6 @@ def test_batch_decoding_equals_single(load_lm):
 
     state = RecurrentState.cat([o.state for o in outs])
     logits = torch.cat([o.logits for o in outs])
-    batch = lm.context.generate_batch(state, list(logits), GenerationConfig(max_new_tokens=6))
+    batch = resolve(lm).generate_batch(state, list(logits), GenerationConfig(max_new_tokens=6))
     for p, o, g in zip(prompts, outs, batch):
-        assert lm.context.stream(o.state, o.logits, GenerationConfig(max_new_tokens=6)).text() == g.text
+        assert resolve(lm).stream(o.state, o.logits, GenerationConfig(max_new_tokens=6)).text() == g.text

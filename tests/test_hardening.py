@@ -13,6 +13,7 @@ from oprm_rag.decoding.loop import Decoder
 from oprm_rag.errors import InputError, NonFiniteScoresError, OptionError
 from oprm_rag.decoding.config import GenerationConfig
 from oprm_rag.scoring import first_token_stats, idk_token_ids
+from oprm_rag import resolve
 
 QUESTION = "What is the code of alpha?"
 CLEAN = "The code of alpha is 1234. Mamba models keep a fixed size state. " * 3
@@ -184,10 +185,10 @@ def test_the_tokenisation_memo_returns_what_the_tokenizer_does_and_stays_bounded
     tokenised each time instead of kept."""
     import numpy as np
 
-    from oprm_rag import context as ctx_mod
+    from oprm_rag.engine import local as ctx_mod
 
     lm = load_lm("mamba2")
-    ctx = lm.context
+    ctx = resolve(lm)
     ctx.forget()
     calls = []
     real = lm.encode_with_offsets

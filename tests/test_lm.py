@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from oprm_rag import OPRMSelector, RecurrentLM
-from oprm_rag.registry import forget_models, resolve_lm
+from oprm_rag.engine.resolve import forget_models, load_model
+from oprm_rag import resolve
 
 
 def test_from_pretrained_passes_options_and_keeps_remote_code_off(model_dir, monkeypatch):
@@ -40,11 +41,11 @@ def test_bad_dtype_is_explained(model_dir):
 
 def test_the_registry_loads_once_and_shares(model_dir):
     forget_models()
-    a = resolve_lm(model_dir("mamba"))
-    b = resolve_lm(str(model_dir("mamba")))
+    a = load_model(model_dir("mamba"))
+    b = load_model(str(model_dir("mamba")))
     assert a is b
     sel = OPRMSelector(str(model_dir("mamba")), chunk_tokens=32)
-    assert sel.lm is a and sel.cache is a.context.document_cache()
+    assert sel.lm is a and sel.cache is resolve(a).document_cache()
     forget_models()
 
 
@@ -91,19 +92,19 @@ def test_handoff_resumes_and_equals_the_plain_path(load_lm):
     sel = OPRMSelector(lm, chunk_tokens=32, idk_filter=False)
     doc = "The code of alpha is 1234. Mamba models keep a fixed size state. " * 6
     q = "What is the code of alpha?"
-    entries = len(lm.context.handoff)
+    entries = len(resolve(lm).handoff)
     sel.select(q, doc)
-    assert len(lm.context.handoff) == entries  # no handoff unless asked: select() writes no registry entry
+    assert len(resolve(lm).handoff) == entries  # no handoff unless asked: select() writes no registry entry
     res = sel.select(q, doc, handoff=True)
     text = sel.prompt_text(q, res.best.text)
-    hits = lm.context.handoff.hits
+    hits = resolve(lm).handoff.hits
     before = lm.counters["prefill_tokens"]
-    resumed = lm.context.complete(text, add_special_tokens=not lm.prompt.use_chat_template)
+    resumed = resolve(lm).complete(text, add_special_tokens=not lm.prompt.use_chat_template)
     out = resumed.text()
-    assert resumed.handoff_hit and lm.context.handoff.hits == hits + 1
+    assert resumed.handoff_hit and resolve(lm).handoff.hits == hits + 1
     assert lm.counters["prefill_tokens"] == before  # nothing prefilled again
-    lm.context.handoff.clear()
-    fresh = lm.context.complete(text, add_special_tokens=not lm.prompt.use_chat_template)
+    resolve(lm).handoff.clear()
+    fresh = resolve(lm).complete(text, add_special_tokens=not lm.prompt.use_chat_template)
     assert fresh.text() == out and not fresh.handoff_hit
 
 

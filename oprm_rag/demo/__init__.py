@@ -20,9 +20,12 @@ from __future__ import annotations
 import random
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .recall_task import IDK_WORD, build_document, heldout_prose, new_keys, question_for
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..lm import RecurrentLM
 
 __all__ = ["run_demo", "demo_document", "answer_all"]
 
@@ -74,7 +77,7 @@ def _show_progress(out: Any) -> bool:
         return False
 
 
-def run_demo(lm: Any, facts: int = 96, seed: int = 7, out=sys.stdout, tally: tuple[int, int] = (24, 8)) -> int:
+def run_demo(lm: "RecurrentLM", facts: int = 96, seed: int = 7, out=sys.stdout, tally: tuple[int, int] = (24, 8)) -> int:
     from ..report import describe_chunk, entropy_bars
     from ..selector import OPRMSelector
 

@@ -23,10 +23,13 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..cli_args import (EXIT_USAGE, CLIError, add_model_args, chunk_tokens_arg, engine_from_args, positive_int,
                         run_reporting)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine import Engine
 
 __all__ = ["add_parser", "run", "main", "EvalError"]
 
@@ -189,7 +192,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------- model
 def _model_name(args: argparse.Namespace) -> str:
-    from .. import DEMO_MODEL
+    from .._about import DEMO_MODEL
 
     return args.model or DEMO_MODEL
 
@@ -199,7 +202,7 @@ def _load_model(args: argparse.Namespace) -> Any:
     return engine_from_args(args)
 
 
-def _predictors(model: Any, args: argparse.Namespace, modes: Sequence[str]) -> dict[str, Any]:
+def _predictors(model: "Engine", args: argparse.Namespace, modes: Sequence[str]) -> dict[str, Any]:
     from .runner import Predictor
 
     chat = {"auto": None, "on": True, "off": False}[args.chat_template]
@@ -219,7 +222,7 @@ def _predictors(model: Any, args: argparse.Namespace, modes: Sequence[str]) -> d
     return out
 
 
-def _engine_has_chat(model: Any) -> bool:
+def _engine_has_chat(model: "Engine") -> bool:
     probe = getattr(model, "apply_chat_template", None)
     if not callable(probe):
         return False
@@ -229,7 +232,7 @@ def _engine_has_chat(model: Any) -> bool:
         return False
 
 
-def _concurrency(model: Any, args: argparse.Namespace) -> int:
+def _concurrency(model: "Engine", args: argparse.Namespace) -> int:
     from .runner import is_served
 
     if is_served(model):

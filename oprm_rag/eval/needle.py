@@ -17,10 +17,13 @@ from __future__ import annotations
 import random
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import InputError
 from .datasets import Example
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine import Engine
 
 __all__ = ["needle_examples", "needle_score", "needle_summary", "plot_heatmap", "haystack_sentences",
            "needle_markdown"]
@@ -46,13 +49,13 @@ def haystack_sentences(path: str | Path | None = None) -> tuple[str, ...]:
     return sentences
 
 
-def _chars_per_token(model: Any, sentences: Sequence[str]) -> float:
+def _chars_per_token(model: "Engine", sentences: Sequence[str]) -> float:
     sample = " ".join(sentences[:200])[:8000]
     n = len(model.encode(sample))
     return max(1.0, len(sample) / max(1, n))
 
 
-def needle_examples(model: Any, lengths: Sequence[int], depths: Sequence[float], trials: int, *, seed: int = 0,
+def needle_examples(model: "Engine", lengths: Sequence[int], depths: Sequence[float], trials: int, *, seed: int = 0,
                     sentences: Sequence[str] | None = None, distractors_per_1k: float = 0.0) -> list[Example]:
     """One example per (length, depth, trial): a haystack of about ``length`` tokens with the
     needle at ``depth`` (0 = start, 1 = end) of its sentences. Deterministic for a seed."""
@@ -140,8 +143,8 @@ def needle_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _display_name(model: Any) -> str:
-    from .. import DEMO_MODEL
+def _display_name(model: "Engine") -> str:
+    from .._about import DEMO_MODEL
 
     if not model:
         return "?"

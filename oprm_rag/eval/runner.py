@@ -27,11 +27,16 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
+from ..engine import Engine
 from ..errors import InputError
 from .datasets import Example
 from .prompts import PromptParts
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.resolve import ModelLike
+    from ..prompts import PromptTemplate
 
 __all__ = ["Mode", "MODES", "Predictor", "Prediction", "ResultStore", "RunItem", "run_items", "position_limit",
            "is_served", "truncate_middle", "model_prompt"]
@@ -43,41 +48,30 @@ MODES: tuple[str, ...] = ("vanilla", "oprm")
 
 
 # ---------------------------------------------------------------------- the model, as the runner sees it
-def is_served(model: Any) -> bool:
-    """True for an ``Engine`` whose states live on a server (requests can run concurrently)."""
-    from ..engine import Engine
+def is_served(model: object) -> bool:
+    """True for an engine whose model runs on a server (its requests can run concurrently),
+    False for an in-process engine (one model, one call at a time) and for anything else."""
+    from ..engine.local import InProcessEngine
 
-    return isinstance(model, Engine) and not bool(getattr(model, "stores_states", True))
+    return isinstance(model, Engine) and not isinstance(model, InProcessEngine)
 
 
-def position_limit(model: Any) -> int | None:
+def position_limit(engine: Engine) -> int | None:
     """The most tokens one sequence may hold, for models with absolute positions; None
     for recurrent models (their vanilla baseline reads the whole context, as the paper's)."""
-    limit = getattr(model, "position_limit", None)
-    if isinstance(limit, int) and not isinstance(limit, bool):
-        return limit
-    backend = getattr(model, "backend", None)
-    if backend is not None and not getattr(backend, "exact_continuation", True):
-        value = getattr(getattr(getattr(model, "model", None), "config", None), "max_position_embeddings", None)
-        return int(value) if isinstance(value, int) else None
-    return None
+    return engine.describe().position_limit
 
 
-def model_prompt(model: Any) -> Any:
+def model_prompt(engine: Engine) -> "PromptTemplate":
     """The model's own ``PromptTemplate`` (its folder's ``oprm_prompt.json`` or the default)."""
-    prompt = getattr(model, "prompt", None)
-    if prompt is None:
-        from ..prompts import PromptTemplate
-
-        return PromptTemplate()
-    return prompt
+    return engine.prompt
 
 
-def _encode(model: Any, text: str) -> list[int]:
+def _encode(model: Engine, text: str) -> list[int]:
     return list(model.encode(text))
 
 
-def truncate_middle(parts: PromptParts, model: Any, limit: int) -> tuple[PromptParts, bool]:
+def truncate_middle(parts: PromptParts, model: Engine, limit: int) -> tuple[PromptParts, bool]:
     """LongBench's truncation: when P + C + Q exceeds ``limit`` tokens, keep the first
     ``limit // 2`` and the last ``limit // 2`` tokens of the prompt.
 
@@ -134,11 +128,14 @@ class Predictor:
             model's position limit, or no truncation for recurrent models.
     """
 
-    def __init__(self, model: Any, mode: Mode, *, chunk_tokens: int | str = "auto", idk_filter: bool = True,
-                 use_chat_template: bool | None = None, max_length: int | None = None) -> None:
+    def __init__(self, model: "ModelLike", mode: Mode, *, chunk_tokens: int | str = "auto",
+                 idk_filter: bool = True, use_chat_template: bool | None = None,
+                 max_length: int | None = None) -> None:
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        self.model = model
+        from ..engine.resolve import resolve
+
+        self.model: Engine = resolve(model)
         self.mode = mode
         self.chunk_tokens = chunk_tokens
         self.idk_filter = idk_filter
@@ -183,15 +180,9 @@ class Predictor:
         if isinstance(self.chunk_tokens, int):
             return self.chunk_tokens
         if self._resolved_chunk is None:
-            value = getattr(self.selector(None), "chunk_tokens", None)
-            if not isinstance(value, int):
-                auto = getattr(self.model, "auto_chunk", None)  # an Engine
-                if callable(auto):
-                    value = auto().tokens
-                else:
-                    from ..capacity import auto_chunk_tokens
-
-                    value = auto_chunk_tokens(self.model).chunk_tokens
+            value = self.selector(None).chunk_tokens
+            if value is None:
+                value = self.model.describe().auto_chunk.tokens
             self._resolved_chunk = int(value)
         return self._resolved_chunk
 

@@ -19,9 +19,12 @@ alignment (tested), not a measured speed-up (``docs/served.md``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import OptionError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine import Engine
 
 __all__ = ["aligned_chunk_tokens", "block_aligned_selector", "VLLM_CPU_BLOCK"]
 
@@ -44,7 +47,7 @@ def aligned_chunk_tokens(chunk_tokens: int, prefix_tokens: int, block: int) -> i
     return size
 
 
-def block_aligned_selector(engine: Any, block: int = VLLM_CPU_BLOCK, **options: Any) -> Any:
+def block_aligned_selector(engine: "Engine", block: int = VLLM_CPU_BLOCK, **options: Any) -> Any:
     """An ``OPRMSelector`` over ``engine`` whose chunks end ``[P, C_i]`` on a ``block``-token
     grid: ``chunk_tokens`` (default "auto") is lowered to the nearest aligned length, and
     chunks are cut at exactly that length (``boundary=None``; a sentence boundary would

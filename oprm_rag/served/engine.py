@@ -7,7 +7,7 @@ first-answer-token distribution (``logits="last"``) do the rows go out, as concu
 ``/v1/completions`` requests for one token with log-probabilities. Decoding the answer
 is a streamed completion of the winning prompt.
 
-What this engine cannot do that the in-process one does (``stores_states = False``):
+What this engine cannot do that the in-process one does (it is no ``StatefulEngine``):
 
 * **decode from a stored state**: the server prefills the winning ``[P, C, Q]`` again
   for the answer (llama.cpp may reuse its slot's state when the same prompt was the
@@ -31,10 +31,10 @@ import math
 import re
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 from ..decoding.stream import BaseTextStream
-from ..engine import ChunkSize, Engine, Extension, FirstTokens, LogitsWanted
+from ..engine import ChunkSize, Engine, EngineInfo, Extension, FirstTokens, LogitsWanted
 from ..errors import OptionError
 from ..decoding.config import Generation, GenerationConfig
 from .client import Completed, CompletionStream, Scored, ServedClient
@@ -174,10 +174,8 @@ class OpenAICompatibleLM(Engine):
             can differ slightly from a full computation, see ``docs/served.md``).
     """
 
-    stores_states: ClassVar[bool] = False
-    #: Only the next token's top log-probabilities come back: no question_likelihood.
-    full_logits: ClassVar[bool] = False
-    supports_left_padding = True  # rows of any lengths: each is its own request
+    # Not a StatefulEngine (states live on the server) nor a QuestionLikelihood (only the
+    # next token's top log-probabilities come back); rows of any lengths: each is a request.
 
     def __init__(self, base_url: str, model: str | None = None, *, api_key: str | None = None,
                  tokenizer: Any = None, max_concurrency: int = 8, timeout: float = 120.0, max_retries: int = 2,
@@ -221,6 +219,13 @@ class OpenAICompatibleLM(Engine):
         self.stats = ServedStats()
 
     # ------------------------------------------------------------------ identity
+    def describe(self) -> EngineInfo:
+        """The served model's facts as of now (vocabulary, limits and training length may be
+        learned from the server on first use)."""
+        return EngineInfo(name=self.name, identity=self.identity, prompt=self.prompt, auto_chunk=self.auto_chunk(),
+                          vocab_size=self.vocab_size, position_limit=self.position_limit,
+                          token_counting=self.token_counting, can_pad=True)  # type: ignore[arg-type]
+
     @property
     def name(self) -> str:
         return self.client.model or self.client.base_url

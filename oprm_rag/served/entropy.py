@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Sequence
 
-from ..engine import FirstTokens
+from ..engine.types import FirstTokens
 
 __all__ = ["TopLogprobs", "EntropyEstimate", "estimate_entropy", "first_tokens_from_top", "impossible_logprobs", "ids_of_pieces",
            "ZERO_LOGPROB", "LOGPROB_TOLERANCE", "MASS_TOLERANCE"]

@@ -33,7 +33,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -44,16 +44,19 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from .._about import __version__
 from ..decoding.config import GenerationConfig
 from ..aio import aiter_in_thread
 from ..cli_args import (CLIError, add_model_args, add_selector_args, engine_from_args, positive_int,
                         selector_options_from_args)
-from ..errors import DocumentError, InputError, ModelLoadError
+from ..errors import DocumentError, InputError, ModelLoadError, ServerError
 from ..options import SelectorOptions
 from .access import check_token, cookie_matches, cookie_value, install_redaction, query_matches, token_matches
 from .documents import DocumentStore, clean_name, read_upload
-from .service import Event, SelectorService, ask_events
+from .service import Event, SelectorService, ask_events, model_server_error
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..engine.resolve import ModelLike
 
 __all__ = ["create_app", "main", "WebSettings", "AskRequest", "TOKEN_ENV"]
 
@@ -118,7 +121,7 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def create_app(model: Any = None, *, settings: WebSettings | None = None,
+def create_app(model: "ModelLike | None" = None, *, settings: WebSettings | None = None,
                load_options: dict[str, Any] | None = None, options: SelectorOptions | None = None,
                **option_kwargs: Any) -> FastAPI:
     """Build the app around one model.
@@ -130,7 +133,7 @@ def create_app(model: Any = None, *, settings: WebSettings | None = None,
     (``device``, ``dtype``) go to ``resolve_lm``.
     """
     if model is None:
-        from .. import DEMO_MODEL
+        from .._about import DEMO_MODEL
 
         model = DEMO_MODEL
     cfg = settings or WebSettings()
@@ -216,6 +219,8 @@ def create_app(model: Any = None, *, settings: WebSettings | None = None,
             selector = await run_in_threadpool(service.selector)
         except ModelLoadError as exc:
             raise ApiError(503, str(exc)) from exc
+        except ServerError as exc:  # a served model's server failed while the selector was built
+            raise ApiError(502, model_server_error(exc)) from exc
         events = aiter_in_thread(lambda: ask_events(service, selector, question, doc.text, max_new))
         first = await events.__anext__()
         if first["type"] == "error":

@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import InputError, ModelLoadError
+from ..engine import Engine
+from ..engine.resolve import ModelLike, resolve
+from ..errors import InputError, ModelLoadError, ServerError
 from ..lm import RecurrentLM
 from ..options import SelectorOptions
 from ..selector import OPRMSelector
@@ -36,12 +38,12 @@ class SelectorService:
     """The model and its selector, loaded on first use and then shared by every request.
 
     ``model`` may be a loaded ``RecurrentLM`` or an ``Engine`` (the selector is built at
-    once, so bad options fail at start-up) or a path (loaded on first use through the
-    process-wide registry, so an app and the CLI in one process share weights). A failed
-    load is not remembered: the next request tries again.
+    once, so bad options fail at start-up) or a path (resolved on first use through
+    ``oprm_rag.resolve``, whose process-wide memo lets an app and the CLI in one process
+    share weights). A failed load is not remembered: the next request tries again.
     """
 
-    def __init__(self, model: Any, options: SelectorOptions | None = None,
+    def __init__(self, model: "ModelLike", options: SelectorOptions | None = None,
                  load_options: dict[str, Any] | None = None, max_concurrent: int = 1) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
@@ -56,10 +58,9 @@ class SelectorService:
 
     @property
     def model_name(self) -> str:
-        if isinstance(self._model, RecurrentLM):
+        if isinstance(self._model, (RecurrentLM, Engine)):
             return str(self._model.name)
-        name = getattr(self._model, "name", None)
-        return str(name) if name is not None else str(self._model)
+        return str(self._model)
 
     @property
     def loaded(self) -> bool:
@@ -71,22 +72,25 @@ class SelectorService:
             return self._selector
         with self._load_lock:
             if self._selector is None:
-                from ..registry import resolve_lm
-
                 try:
-                    lm = resolve_lm(self._model, **self.load_options)
+                    engine = resolve(self._model, **self.load_options)
                 except Exception as exc:  # noqa: BLE001 - transformers/torch raise many kinds on a bad folder
                     raise ModelLoadError(f"could not load the model {self.model_name!r}: "
                                          f"{type(exc).__name__}: {exc}") from exc
-                self._selector = OPRMSelector(lm, self.options)
+                self._selector = OPRMSelector(engine, self.options)
             return self._selector
 
     def info(self) -> dict[str, Any]:
         sel = self._selector
-        family = getattr(getattr(sel.engine, "lm", None), "family", "served") if sel is not None else None
+        family = sel.engine.describe().family if sel is not None else None
         return {"model": self.model_name, "model_loaded": sel is not None, "family": family,
                 "chunk_tokens": sel.chunk_tokens if sel is not None else None,
                 "chunk_tokens_reason": sel.chunk.reason if sel is not None else None}
+
+
+def model_server_error(exc: ServerError) -> str:
+    """What a client is told when the model server failed (502): the cause, naming the server."""
+    return f"the model server failed ({type(exc).__name__}): {exc}"
 
 
 def ask_events(service: SelectorService, selector: OPRMSelector, question: str, text: str,
@@ -96,7 +100,7 @@ def ask_events(service: SelectorService, selector: OPRMSelector, question: str, 
     In order: ``scores`` (every chunk and the winner), any number of ``piece`` (answer
     text as decoded), then ``done`` (final text and usage); or one ``error`` instead.
     An ``error`` before ``scores`` carries an HTTP ``status`` (422: the input was
-    refused; 500: an internal fault), so the app can still answer with a plain status.
+    refused; 502: the model server failed; 500: an internal fault), so the app can still answer with a plain status.
     """
     with service.slots:
         t0 = time.perf_counter()
@@ -104,6 +108,10 @@ def ask_events(service: SelectorService, selector: OPRMSelector, question: str, 
             result = selector.select(question, text)
         except InputError as exc:
             yield {"type": "error", "status": 422, "error": str(exc)}
+            return
+        except ServerError as exc:  # the model server failed (its message names it): 502 Bad Gateway
+            logger.warning("scoring %r failed at the model server: %s", question, exc)
+            yield {"type": "error", "status": 502, "error": model_server_error(exc)}
             return
         except Exception as exc:  # noqa: BLE001 - an internal fault: say so, with its type
             logger.exception("scoring %r failed", question)
@@ -117,6 +125,10 @@ def ask_events(service: SelectorService, selector: OPRMSelector, question: str, 
             for piece in pieces:
                 if piece:
                     yield {"type": "piece", "text": piece}
+        except ServerError as exc:  # mid-stream, the model server failed: the page shows it
+            logger.warning("decoding %r failed at the model server: %s", question, exc)
+            yield {"type": "error", "error": model_server_error(exc)}
+            return
         except Exception as exc:  # noqa: BLE001 - mid-stream: the page shows it
             logger.exception("decoding %r failed", question)
             yield {"type": "error", "error": f"internal error while decoding: {type(exc).__name__}: {exc}"}

@@ -17,6 +17,7 @@ from oprm_rag.eval.cli import main
 from oprm_rag.eval.runner import Predictor
 
 from .conftest import FIXTURE_DATASETS
+from oprm_rag import resolve
 
 RECORD_FIELDS = {"_id", "dataset", "mode", "pred", "answers", "score"}
 
@@ -176,15 +177,53 @@ def test_base_url_runs_examples_concurrently_with_the_same_answers(custom_file, 
     import sys
     import types
 
-    from oprm_rag.context import ModelContext
+    from oprm_rag import resolve
+    from oprm_rag.engine import Engine
     from oprm_rag.eval import runner
 
-    class Loopback(ModelContext):
-        stores_states = False  # what a server client reports: many examples may be in flight
+    class Loopback(Engine):
+        """A server client's shape (no in-process model: examples may be in flight at once),
+        answering through the shipped model's engine."""
 
         def __init__(self, base_url, model, api_key=None, tokenizer=None):
-            super().__init__(demo_lm)
+            self.inner = resolve(demo_lm)
             self.base_url, self.model_name, self.api_key = base_url, model, api_key
+
+        def describe(self):
+            return self.inner.describe()
+
+        def encode_with_offsets(self, text):
+            return self.inner.encode_with_offsets(text)
+
+        def encode(self, text):
+            return self.inner.encode(text)
+
+        def encode_prefix(self, text, *, chat=False):
+            return self.inner.encode_prefix(text, chat=chat)
+
+        def decode(self, ids):
+            return self.inner.decode(ids)
+
+        def idk_token_ids(self, idk_word):
+            return self.inner.idk_token_ids(idk_word)
+
+        def apply_chat_template(self, messages):
+            return self.inner.apply_chat_template(messages)
+
+        def extend(self, states, rows, *, logits="last"):
+            return self.inner.extend(states, rows, logits=logits)
+
+        def first_tokens(self, extension, idk_ids):
+            return self.inner.first_tokens(extension, idk_ids)
+
+        def row_logits(self, extension, row):
+            return self.inner.row_logits(extension, row)
+
+        def cat_states(self, states):
+            return self.inner.cat_states(states)
+
+        def stream(self, state, logits, config, *, prompt_tokens=0):
+            return self.inner.stream(state, logits, config, prompt_tokens=prompt_tokens)
 
     served = types.ModuleType("oprm_rag.served")
     served.OpenAICompatibleLM = Loopback

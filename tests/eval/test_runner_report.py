@@ -122,16 +122,15 @@ def test_config_mismatch_is_refused(tmp_path):
 
 def test_is_served_only_for_engines_without_states():
     from oprm_rag.engine import Engine
+    from oprm_rag.engine.local import InProcessEngine, LocalEngine, ReplayEngine
 
     class Remote(Engine):
-        stores_states = False
+        pass
 
-    class Local(Engine):
-        stores_states = True
-
-    for cls in (Remote, Local):
-        cls.__abstractmethods__ = frozenset()
-    assert is_served(Remote()) and not is_served(Local()) and not is_served(CharModel())
+    Remote.__abstractmethods__ = frozenset()
+    local, replay = object.__new__(LocalEngine), object.__new__(ReplayEngine)  # in process: one call at a time
+    assert isinstance(local, InProcessEngine) and isinstance(replay, InProcessEngine)
+    assert is_served(Remote()) and not is_served(local) and not is_served(replay) and not is_served(CharModel())
 
 
 # ---------------------------------------------------------------------- report

@@ -25,6 +25,7 @@ from oprm_rag.served import OpenAICompatibleLM
 from oprm_rag.served.engine import PromptRows
 from oprm_rag.served.errors import ContextOverflowError
 from oprm_rag.served.llama_server import LlamaServer
+from oprm_rag import resolve
 
 CHUNK = 128
 
@@ -78,7 +79,7 @@ def test_engine_methods_against_the_in_process_model(demo_lm, served) -> None:
     assert [list(r) for r in ext.states.rows] == prompts
     assert served.extend(served.start(head).states, rows, logits="none").logits is None
     idk = served.idk_token_ids("Error")
-    assert idk == demo_lm.context.idk_token_ids("Error")
+    assert idk == resolve(demo_lm).idk_token_ids("Error")
     ft = served.first_tokens(ext, idk)
     assert ft.exact and ft.entropy_bounds is None
     ref = first_token_stats(torch.cat([demo_lm.prefill(p).logits.reshape(1, -1) for p in prompts]), idk)
@@ -95,7 +96,7 @@ def test_stream_and_batch_decoding_equal_in_process_greedy(demo_lm, served) -> N
     cfg = GenerationConfig(max_new_tokens=8)
     prompts = _prompts(demo_lm)[:3]
     for ids in prompts:
-        want = demo_lm.context.complete(ids, cfg)
+        want = resolve(demo_lm).complete(ids, cfg)
         stream = served.stream(PromptRows([ids]), None, cfg, prompt_tokens=len(ids))
         pieces = list(stream)
         assert "".join(pieces) == stream.result.text == want.text()
@@ -104,7 +105,7 @@ def test_stream_and_batch_decoding_equal_in_process_greedy(demo_lm, served) -> N
         assert stream.result.completion_tokens == want.result.completion_tokens + eos
         assert stream.result.finish_reason == want.result.finish_reason
     gens = served.generate_batch(PromptRows(prompts), [None] * 3, cfg)
-    assert [g.text for g in gens] == [demo_lm.context.complete(p, cfg).text() for p in prompts]
+    assert [g.text for g in gens] == [resolve(demo_lm).complete(p, cfg).text() for p in prompts]
 
 
 def _recall_cases(n: int) -> list[tuple[str, str, str]]:

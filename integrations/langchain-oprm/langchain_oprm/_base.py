@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 from langchain_core.language_models import LangSmithParams
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ._model import ModelLike, check_model, model_name, resolve_lm, validate_model_field
+from ._model import ModelLike, check_model, in_process, model_name, validate_model_field
 
 if TYPE_CHECKING:
     from oprm_rag.decoding.config import GenerationConfig
+    from oprm_rag.engine.local import InProcessEngine
     from oprm_rag.lm import RecurrentLM
 
 __all__ = ["RecurrentModelBase"]
@@ -71,22 +72,26 @@ class RecurrentModelBase(BaseModel):
             params["ls_stop"] = [stops] if isinstance(stops, str) else list(stops)
         return params
 
+    def get_engine(self, model: Any = None) -> "InProcessEngine":
+        """The shared model's in-process engine (``model`` overrides this instance's for one call)."""
+        return in_process(check_model(model) if model is not None else self.model)
+
     def get_lm(self, model: Any = None) -> "RecurrentLM":
         """The shared ``RecurrentLM`` (``model`` overrides this instance's for one call)."""
-        return resolve_lm(check_model(model) if model is not None else self.model)
+        return self.get_engine(model).lm
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids from the model's own tokenizer (loads the model on first use)."""
         custom = getattr(self, "custom_get_token_ids", None)  # a BaseLanguageModel field
         if custom is not None:
             return custom(text)
-        return self.get_lm().encode(text)
+        return self.get_engine().encode(text)
 
     def get_num_tokens(self, text: str) -> int:
         return len(self.get_token_ids(text))
 
-    def _setup(self, stop: Optional[list[str]], kwargs: dict[str, Any]) -> tuple["RecurrentLM", "GenerationConfig"]:
-        """The model and decoding configuration of one call: per-call kwargs (and a per-call
+    def _setup(self, stop: Optional[list[str]], kwargs: dict[str, Any]) -> tuple["InProcessEngine", "GenerationConfig"]:
+        """The model's engine and decoding configuration of one call: per-call kwargs (and a per-call
         ``model``) override the fields. The configuration is made first, so bad arguments
         fail before any weights load."""
         from oprm_rag.decoding.config import GenerationConfig
@@ -96,4 +101,4 @@ class RecurrentModelBase(BaseModel):
         defaults = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                     "top_k": self.top_k, "seed": self.seed}
         config = GenerationConfig.from_call(defaults, kwargs, stop if stop is not None else self.stop)
-        return self.get_lm(override), config
+        return self.get_engine(override), config

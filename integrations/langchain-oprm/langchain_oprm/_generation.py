@@ -1,7 +1,7 @@
 """Decoding shared by ``ChatRecurrent`` and ``RecurrentLLM``: LangChain shapes only.
 
 The core does the work: ``GenerationConfig.from_call`` maps LangChain's per-call
-arguments, ``ModelContext.start_prompt`` resumes from a handed-off state when the
+arguments, ``InProcessEngine.start_prompt`` resumes from a handed-off state when the
 selector just scored the prompt's beginning, and ``TokenStream`` decodes. What is left
 here is LangChain's usage shape and the worker-thread bridge for async callers.
 """
@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Sequence, TypeVar
 
 if TYPE_CHECKING:
-    from oprm_rag.context import PromptStart
     from oprm_rag.decoding.config import Generation, GenerationConfig
-    from oprm_rag.lm import RecurrentLM
+    from oprm_rag.engine.local import InProcessEngine, PromptStart
 
 __all__ = ["Done", "decode", "iterate_in_thread", "usage_metadata"]
 
@@ -25,12 +24,12 @@ T = TypeVar("T")
 class Done:
     """The last item ``decode`` yields: the finished generation and how its prompt started."""
 
-    lm: "RecurrentLM"
+    engine: "InProcessEngine"
     generation: "Generation"
     started: "PromptStart"
 
     def response_metadata(self) -> dict[str, Any]:
-        return {"model_name": str(self.lm.name), "finish_reason": self.generation.finish_reason,
+        return {"model_name": str(self.engine.name), "finish_reason": self.generation.finish_reason,
                 "oprm_handoff_hit": self.started.handoff_hit}
 
     def usage(self) -> dict[str, Any]:
@@ -38,7 +37,7 @@ class Done:
         return usage_metadata(gen.prompt_tokens, gen.completion_tokens, self.started.reused_tokens)
 
 
-def decode(lm: "RecurrentLM", prompt: str | Sequence[int], config: "GenerationConfig", *,
+def decode(engine: "InProcessEngine", prompt: str | Sequence[int], config: "GenerationConfig", *,
            add_special_tokens: bool) -> Iterator[Any]:
     """Text pieces of one answer as they are decoded, then one ``Done``.
 
@@ -46,11 +45,11 @@ def decode(lm: "RecurrentLM", prompt: str | Sequence[int], config: "GenerationCo
     """
     from oprm_rag.decoding.loop import TokenStream
 
-    started = lm.context.start_prompt(prompt, add_special_tokens=add_special_tokens)
-    stream = TokenStream(lm, started.state, started.logits, config, prompt_tokens=len(started.ids),
+    started = engine.start_prompt(prompt, add_special_tokens=add_special_tokens)
+    stream = TokenStream(engine.lm, started.state, started.logits, config, prompt_tokens=len(started.ids),
                          reused_tokens=started.reused_tokens)
     yield from stream
-    yield Done(lm, stream.result, started)
+    yield Done(engine, stream.result, started)
 
 
 def usage_metadata(prompt_tokens: int, output_tokens: int, reused_tokens: int) -> dict[str, Any]:

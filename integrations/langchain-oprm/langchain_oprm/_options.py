@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from oprm_rag.options import SelectorOptions as CoreOptions
+from oprm_rag.integration import option_fields
 from oprm_rag.options import check_names, option_specs
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, field_validator, model_validator
 
-from ._model import ModelLike, model_name, resolve, validate_model_field
+from ._model import ModelLike, model_name, validate_model_field
 
 if TYPE_CHECKING:
     from oprm_rag.selector import OPRMSelector as EngineSelector
@@ -26,17 +27,10 @@ __all__ = ["SelectorFields", "OPTION_NAMES"]
 OPTION_NAMES: tuple[str, ...] = tuple(spec.name for spec in option_specs())
 
 
-def _option_fields() -> dict[str, Any]:
-    # ``Any``: the core checks every value (pydantic's lax coercion would turn 2.0 or "3"
-    # into 3 before the core could refuse it); the description names the type.
-    return {spec.name: (Any, Field(default=spec.default, description=f"{spec.doc} ({spec.annotation})"))
-            for spec in option_specs()}
-
-
 _Generated: type[BaseModel] = create_model(  # type: ignore[call-overload]
     "_GeneratedSelectorFields",
     __config__=ConfigDict(arbitrary_types_allowed=True, protected_namespaces=()),
-    **_option_fields(),
+    **option_fields(),
 )
 
 
@@ -85,4 +79,4 @@ class SelectorFields(_Generated):  # type: ignore[misc, valid-type]
         the model, its caches and its memos are shared)."""
         from oprm_rag.selector import OPRMSelector as EngineSelector
 
-        return EngineSelector(resolve(self.model), self._options)
+        return EngineSelector(self.model, self._options)

@@ -25,7 +25,7 @@ from ._base import RecurrentModelBase
 from ._generation import Done, decode, iterate_in_thread
 
 if TYPE_CHECKING:
-    from oprm_rag.lm import RecurrentLM
+    from oprm_rag.engine.local import InProcessEngine
 
 __all__ = ["ChatRecurrent", "message_text", "message_role"]
 
@@ -106,19 +106,20 @@ class ChatRecurrent(RecurrentModelBase, BaseChatModel):
         return {**super()._identifying_params, "use_chat_template": self.use_chat_template}
 
     # ------------------------------------------------------------------ prompts
-    def render(self, messages: Sequence[BaseMessage], lm: Optional["RecurrentLM"] = None) -> tuple[str, bool]:
+    def render(self, messages: Sequence[BaseMessage],
+               engine: Optional["InProcessEngine"] = None) -> tuple[str, bool]:
         """The prompt text for ``messages`` and whether the tokenizer adds its special tokens."""
-        lm = lm or self.get_lm()
+        engine = engine or self.get_engine()
         if not messages:
             raise ValueError("no messages were given")
         use_template = self.use_chat_template
         if use_template is None:
             lone_human = len(messages) == 1 and isinstance(messages[0], HumanMessage)
-            use_template = bool(lm.prompt.use_chat_template) or not lone_human
+            use_template = bool(engine.prompt.use_chat_template) or not lone_human
         if not use_template:
             return "\n\n".join(message_text(m) for m in messages), True
         turns = [{"role": message_role(m), "content": message_text(m)} for m in messages]
-        rendered = lm.context.apply_chat_template(turns)
+        rendered = engine.apply_chat_template(turns)
         if rendered is not None:
             return str(rendered), False
         # No template: the same transcript RecurrentLM.chat_ids falls back to.
@@ -128,17 +129,17 @@ class ChatRecurrent(RecurrentModelBase, BaseChatModel):
         """Tokens of the whole rendered prompt, exactly as the model would read it."""
         if tools:
             raise NotImplementedError("ChatRecurrent does not support tool calling")
-        lm = self.get_lm()
-        text, special = self.render(messages, lm)
-        return len(lm.context.prompt_ids(text, add_special_tokens=special))
+        engine = self.get_engine()
+        text, special = self.render(messages, engine)
+        return len(engine.prompt_ids(text, add_special_tokens=special))
 
     # ------------------------------------------------------------------ running
     def _pieces(self, messages: list[BaseMessage], stop: Optional[list[str]],
                 kwargs: dict[str, Any]) -> Iterator[Any]:
         """Text pieces as decoded, then one ``Done``. Blocking: async callers run it in a thread."""
-        lm, config = self._setup(stop, kwargs)  # bad arguments fail before any weights load
-        text, special = self.render(messages, lm)
-        yield from decode(lm, text, config, add_special_tokens=special)
+        engine, config = self._setup(stop, kwargs)  # bad arguments fail before any weights load
+        text, special = self.render(messages, engine)
+        yield from decode(engine, text, config, add_special_tokens=special)
 
     def _generate(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
                   run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> ChatResult:

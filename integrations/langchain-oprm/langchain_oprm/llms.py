@@ -20,9 +20,8 @@ from ._base import RecurrentModelBase
 from ._generation import Done, decode, iterate_in_thread, usage_metadata
 
 if TYPE_CHECKING:
-    from oprm_rag.context import PromptStart
+    from oprm_rag.engine.local import InProcessEngine, PromptStart
     from oprm_rag.decoding.config import Generation, GenerationConfig
-    from oprm_rag.lm import RecurrentLM
 
 __all__ = ["RecurrentLLM"]
 
@@ -53,9 +52,9 @@ class RecurrentLLM(RecurrentModelBase, BaseLLM):
     # ------------------------------------------------------------------ running
     def _generate(self, prompts: list[str], stop: Optional[list[str]] = None,
                   run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> LLMResult:
-        lm, config = self._setup(stop, kwargs)
-        started = [lm.context.start_prompt(p, add_special_tokens=True) for p in prompts]
-        gens = _decode_all(lm, started, config)
+        engine, config = self._setup(stop, kwargs)
+        started = [engine.start_prompt(p, add_special_tokens=True) for p in prompts]
+        gens = _decode_all(engine, started, config)
         generations = []
         total = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
         for gen, st in zip(gens, started):
@@ -64,7 +63,7 @@ class RecurrentLLM(RecurrentModelBase, BaseLLM):
                 total[key] += usage[key]
             generations.append([LCGeneration(text=gen.text, generation_info={
                 "finish_reason": gen.finish_reason, "usage": usage, "oprm_handoff_hit": st.handoff_hit})])
-        return LLMResult(generations=generations, llm_output={"token_usage": total, "model_name": str(lm.name)})
+        return LLMResult(generations=generations, llm_output={"token_usage": total, "model_name": str(engine.name)})
 
     async def _agenerate(self, prompts: list[str], stop: Optional[list[str]] = None,
                          run_manager: Optional[AsyncCallbackManagerForLLMRun] = None, **kwargs: Any) -> LLMResult:
@@ -72,8 +71,8 @@ class RecurrentLLM(RecurrentModelBase, BaseLLM):
         return await run_in_executor(None, self._generate, prompts, stop, None, **kwargs)
 
     def _pieces(self, prompt: str, stop: Optional[list[str]], kwargs: dict[str, Any]) -> Iterator[Any]:
-        lm, config = self._setup(stop, kwargs)
-        yield from decode(lm, prompt, config, add_special_tokens=True)
+        engine, config = self._setup(stop, kwargs)
+        yield from decode(engine, prompt, config, add_special_tokens=True)
 
     def _stream(self, prompt: str, stop: Optional[list[str]] = None,
                 run_manager: Optional[CallbackManagerForLLMRun] = None, **kwargs: Any) -> Iterator[GenerationChunk]:
@@ -101,11 +100,14 @@ def _chunk(item: Any) -> GenerationChunk:
     return GenerationChunk(text=item)
 
 
-def _decode_all(lm: "RecurrentLM", started: list["PromptStart"], config: "GenerationConfig") -> list["Generation"]:
-    """One decoding batch for all prompts when states of any length stack (recurrent
-    models); the token-replay fallback's states grow with the text, so it goes one by one."""
-    ctx = lm.context
-    if len(started) == 1 or not ctx.stores_states:
+def _decode_all(engine: "InProcessEngine", started: list["PromptStart"],
+                config: "GenerationConfig") -> list["Generation"]:
+    """One decoding batch for all prompts when states of any length stack (exact states);
+    the token-replay fallback's states grow with the text, so it goes one by one."""
+    from oprm_rag.engine import StatefulEngine
+
+    ctx = engine
+    if len(started) == 1 or not isinstance(ctx, StatefulEngine):
         return [ctx.generate_batch(s.state, [s.logits[0]], config, [len(s.ids)])[0] for s in started]
     return ctx.generate_batch(ctx.cat_states([s.state for s in started]), [s.logits[0] for s in started], config,
                               [len(s.ids) for s in started])

@@ -60,6 +60,6 @@ def mode_path(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def lm_for():
     """The shared RecurrentLM for a folder (the same object the LangChain classes use)."""
-    from oprm_rag.registry import resolve_lm
+    from oprm_rag.engine.resolve import load_model
 
-    return resolve_lm
+    return load_model

@@ -34,15 +34,15 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def lm(model_path: str) -> Any:
     """The process-wide shared model for ``model_path`` (what ``model=path`` resolves to)."""
-    from oprm_rag.registry import resolve_lm
+    from oprm_rag.engine.resolve import load_model
 
-    return resolve_lm(model_path)
+    return load_model(model_path)
 
 
 @pytest.fixture(scope="session")
 def raw_lm(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A tiny model whose OPRM prompt is raw text (no chat template), like the demo model's."""
-    from oprm_rag.registry import resolve_lm
+    from oprm_rag.engine.resolve import load_model
     from oprm_rag.testing import save_tiny_model
 
     prompt = {"instruction": "Read the text and answer the question. If the text does not give the answer, "
@@ -50,7 +50,7 @@ def raw_lm(tmp_path_factory: pytest.TempPathFactory) -> Any:
               "question_template": "\n\nQuestion: {question}\nAnswer:", "use_chat_template": False}
     path = save_tiny_model("mamba2", tmp_path_factory.mktemp("li_raw") / "mamba2_raw",
                            extra_files={"oprm_prompt.json": json.dumps(prompt)})
-    return resolve_lm(str(path))
+    return load_model(str(path))
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,14 @@ from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
 from llama_index.llms.oprm import RecurrentLLM
 from llama_index.postprocessor.oprm import oprm_qa_prompt
 from oprm_rag import GenerationConfig, OPRMSelector
+from oprm_rag import resolve
 
 PROMPT = "The code of alpha is 1234. The code of beta is 5678. What is the code of alpha?"
 N = 8
 
 
 def engine_pieces(lm: Any, prompt: Any, add_special_tokens: bool, **cfg: Any) -> tuple[List[str], Any]:
-    stream = lm.context.complete(prompt, GenerationConfig.make(**{"max_new_tokens": N, **cfg}),
+    stream = resolve(lm).complete(prompt, GenerationConfig.make(**{"max_new_tokens": N, **cfg}),
                          add_special_tokens=add_special_tokens)
     return list(stream), stream.result
 
@@ -89,7 +90,7 @@ def test_token_counting_handler_reads_the_usage(lm):
 
 def test_multi_token_stop_string(varied_lm):
     llm = RecurrentLLM(model=varied_lm, max_new_tokens=16)
-    free = varied_lm.context.complete(PROMPT, GenerationConfig(max_new_tokens=16, stop_at_eos=False))
+    free = resolve(varied_lm).complete(PROMPT, GenerationConfig(max_new_tokens=16, stop_at_eos=False))
     text = free.text()
     ids = free.result.token_ids
     # a stop string made of two consecutive generated tokens, printable, not at the start
@@ -116,7 +117,7 @@ def test_chat_goes_through_the_chat_template(lm):
                 ChatMessage(role=MessageRole.USER, content=PROMPT)]
     resp = llm.chat(messages)
     turns = [{"role": m.role.value, "content": m.content} for m in messages]
-    by_ids = lm.context.complete(lm.chat_ids(turns), GenerationConfig(max_new_tokens=N)).text()
+    by_ids = resolve(lm).complete(lm.chat_ids(turns), GenerationConfig(max_new_tokens=N)).text()
     assert resp.message.role == MessageRole.ASSISTANT
     assert resp.message.content == by_ids
     assert resp.raw["usage"]["prompt_tokens"] == len(lm.chat_ids(turns))
@@ -135,15 +136,15 @@ def test_handoff_resumes_from_the_scored_state(any_lm, docs, question):
     result = sel.select(question, docs, handoff=True)
     prompt = sel.prompt_text(question, result.best.text)
     llm = RecurrentLLM(model=lm, max_new_tokens=N)
-    hits, prefilled = lm.context.handoff.hits, lm.counters["prefill_tokens"]
+    hits, prefilled = resolve(lm).handoff.hits, lm.counters["prefill_tokens"]
     cached = llm.complete(prompt)
-    assert cached.raw["handoff_hit"] and lm.context.handoff.hits == hits + 1
+    assert cached.raw["handoff_hit"] and resolve(lm).handoff.hits == hits + 1
     assert lm.counters["prefill_tokens"] == prefilled  # the chunk was not read again
     assert cached.text == sel.answer_from(result, max_new_tokens=N).text
     # the same prompt without the stored state: a full prefill, the same answer
-    lm.context.handoff.clear()
+    resolve(lm).handoff.clear()
     fresh = llm.complete(prompt)
-    assert not fresh.raw["handoff_hit"] and lm.context.handoff.hits == hits + 1
+    assert not fresh.raw["handoff_hit"] and resolve(lm).handoff.hits == hits + 1
     assert lm.counters["prefill_tokens"] > prefilled
     assert fresh.text == cached.text
     assert fresh.raw["usage"]["prompt_tokens"] == cached.raw["usage"]["prompt_tokens"]
@@ -156,7 +157,7 @@ def test_qa_prompt_renders_the_scored_text_and_hits(any_lm, docs, question):
     result = sel.select(question, docs, handoff=True)
     llm = RecurrentLLM(model=lm, max_new_tokens=N)
     qa = oprm_qa_prompt(sel.prompt)
-    hits = lm.context.handoff.hits
+    hits = resolve(lm).handoff.hits
     if llm.metadata.is_chat_model:
         messages = qa.format_messages(context_str=result.best.text, query_str=question)
         rendered = lm.tokenizer.apply_chat_template([{"role": m.role.value, "content": m.content} for m in messages],
@@ -168,7 +169,7 @@ def test_qa_prompt_renders_the_scored_text_and_hits(any_lm, docs, question):
         resp = llm.complete(rendered, formatted=True)
         text = resp.text
     assert rendered == sel.prompt_text(question, result.best.text)
-    assert resp.raw["handoff_hit"] and lm.context.handoff.hits == hits + 1
+    assert resp.raw["handoff_hit"] and resolve(lm).handoff.hits == hits + 1
     assert text == sel.answer_from(result, max_new_tokens=N).text
 
 
@@ -191,7 +192,7 @@ async def test_async_methods_leave_the_event_loop_free(lm, monkeypatch, method):
     happen if the call runs in another thread while the loop keeps going."""
     gate = threading.Event()
     threads: List[int] = []
-    complete = lm.context.complete
+    complete = resolve(lm).complete
 
     def gated(*args: Any, **kwargs: Any) -> Any:
         threads.append(threading.get_ident())
@@ -199,7 +200,7 @@ async def test_async_methods_leave_the_event_loop_free(lm, monkeypatch, method):
             raise AssertionError("the event loop was blocked while the model ran")
         return complete(*args, **kwargs)
 
-    monkeypatch.setattr(lm.context, "complete", gated)
+    monkeypatch.setattr(resolve(lm), "complete", gated)
     llm = RecurrentLLM(model=lm, max_new_tokens=N)
     arg: Any = [ChatMessage(role=MessageRole.USER, content=PROMPT)] if "chat" in method else PROMPT
 

@@ -23,7 +23,7 @@ def as_nodes(texts: List[str], **meta: Any) -> List[NodeWithScore]:
 
 
 def test_constructors_do_not_load_weights(tmp_path):
-    from oprm_rag.registry import loaded_models
+    from oprm_rag.engine.resolve import loaded_models
 
     missing = str(tmp_path / "no-such-model")
     before = len(loaded_models())

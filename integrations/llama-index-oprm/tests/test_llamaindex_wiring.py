@@ -14,6 +14,7 @@ from llama_index.core.schema import TextNode
 from llama_index.llms.oprm import RecurrentLLM
 from llama_index.postprocessor.oprm import OPRMNodePostprocessor
 from oprm_rag import OPRMSelector
+from oprm_rag import resolve
 
 CHUNK = 24
 N = 8
@@ -111,10 +112,10 @@ def test_qa_prompt_hands_the_scored_state_to_the_llm(any_lm, question):
     pp = OPRMNodePostprocessor(model=lm, top_n=1, chunk_tokens=64, idk_filter=False)
     index = SummaryIndex([TextNode(text=t, id_=f"p{i}") for i, t in enumerate([text, *others])])
     qe = index.as_query_engine(llm=llm, node_postprocessors=[pp], text_qa_template=pp.qa_prompt())
-    hits = lm.context.handoff.hits
+    hits = resolve(lm).handoff.hits
     resp = qe.query(question)
     [src] = resp.source_nodes
-    assert lm.context.handoff.hits == hits + 1
+    assert resolve(lm).handoff.hits == hits + 1
     sel = OPRMSelector(lm, chunk_tokens=64, idk_filter=False)
     result = sel.select(question, [text, *others])
     assert src.node.get_content() == result.best.text

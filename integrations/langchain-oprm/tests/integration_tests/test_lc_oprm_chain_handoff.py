@@ -10,6 +10,7 @@ from langchain_core.messages import AIMessage
 from lc_oprm_support import DOC, OTHER_DOC, QUESTION
 
 from langchain_oprm import ChatRecurrent, OPRMSelector, RecurrentLLM, create_oprm_qa_chain, oprm_prompt_messages
+from oprm_rag import resolve
 
 SETTINGS: dict[str, Any] = {"chunk_tokens": 24, "idk_filter": False}
 
@@ -18,8 +19,8 @@ def _fresh(lm: Any, ids: list[int], n: int) -> Any:
     """Decode ``ids`` from scratch: empty handoff registry, full prefill."""
     from oprm_rag import GenerationConfig
 
-    lm.context.handoff.clear()
-    stream = lm.context.complete(ids, GenerationConfig(max_new_tokens=n))
+    resolve(lm).handoff.clear()
+    stream = resolve(lm).complete(ids, GenerationConfig(max_new_tokens=n))
     stream.text()
     assert stream.handoff_hit is False
     return stream.result
@@ -29,10 +30,10 @@ def test_chain_hits_the_handoff_and_matches_a_fresh_run(mode_path: str, lm_for) 
     lm = lm_for(mode_path)
     chain = create_oprm_qa_chain(mode_path, max_tokens=8, **SETTINGS)
     inputs = {"question": QUESTION, "documents": [DOC, OTHER_DOC]}
-    hits = lm.context.handoff.hits
+    hits = resolve(lm).handoff.hits
     answer = chain.invoke(inputs)
     assert isinstance(answer, AIMessage)
-    assert lm.context.handoff.hits == hits + 1
+    assert resolve(lm).handoff.hits == hits + 1
     assert answer.response_metadata["oprm_handoff_hit"] is True
 
     # The prompt the chat model got is the selector's exact [P, C, Q] text for its best chunk.
@@ -41,14 +42,14 @@ def test_chain_hits_the_handoff_and_matches_a_fresh_run(mode_path: str, lm_for) 
     text = selector.core_selector().prompt_text(QUESTION, best.page_content)
     chat = ChatRecurrent(model=mode_path)
     assert chat.render(oprm_prompt_messages(selector, QUESTION, [best]))[0] == text
-    ids = lm.context.prompt_ids(text)  # the exact ids the selector scored
+    ids = resolve(lm).prompt_ids(text)  # the exact ids the selector scored
     assert answer.usage_metadata["input_tokens"] == len(ids)
     assert answer.usage_metadata["input_token_details"]["cache_read"] == len(ids)
 
     # The engine's own stream on that text resumes too (TokenStream.handoff_hit).
     from oprm_rag import GenerationConfig
 
-    stream = lm.context.complete(text, GenerationConfig(max_new_tokens=8), add_special_tokens=not lm.prompt.use_chat_template)
+    stream = resolve(lm).complete(text, GenerationConfig(max_new_tokens=8), add_special_tokens=not lm.prompt.use_chat_template)
     assert stream.text() == answer.content and stream.handoff_hit is True
 
     # And from scratch (no stored state), the same ids give the same answer.
@@ -62,10 +63,10 @@ async def test_async_chain_hits_too(mode_path: str, lm_for) -> None:
     chain = create_oprm_qa_chain(mode_path, max_tokens=6, **SETTINGS)
     inputs = {"question": "What is the code of beta?", "documents": DOC}
     expected = chain.invoke(inputs).content
-    hits = lm.context.handoff.hits
+    hits = resolve(lm).handoff.hits
     answer = await chain.ainvoke(inputs)
     assert answer.content == expected and answer.response_metadata["oprm_handoff_hit"] is True
-    assert lm.context.handoff.hits == hits + 1
+    assert resolve(lm).handoff.hits == hits + 1
     streamed = "".join([c.content async for c in chain.astream(inputs)])
     assert streamed == expected
 
@@ -75,11 +76,11 @@ def test_llm_resumes_from_the_selector_state_too(mode_path: str, lm_for) -> None
     selector = OPRMSelector(model=mode_path, **SETTINGS)
     best = selector.invoke({"question": QUESTION, "documents": DOC})[0]
     text = selector.core_selector().prompt_text(QUESTION, best.page_content)
-    ids = lm.context.prompt_ids(text)
+    ids = resolve(lm).prompt_ids(text)
     llm = RecurrentLLM(model=mode_path, max_tokens=6)
-    hits = lm.context.handoff.hits
+    hits = resolve(lm).handoff.hits
     result = llm.generate([text, "Hello"])
-    assert lm.context.handoff.hits == hits + 1
+    assert resolve(lm).handoff.hits == hits + 1
     info = result.generations[0][0].generation_info
     assert info["oprm_handoff_hit"] is True and info["usage"]["input_token_details"]["cache_read"] == len(ids)
     assert result.generations[1][0].generation_info["oprm_handoff_hit"] is False

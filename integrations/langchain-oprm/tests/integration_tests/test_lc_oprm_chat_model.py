@@ -10,8 +10,9 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from lc_oprm_support import LoopTicks, Tokens, tiny_chat_path
 
-from oprm_rag.context import ModelContext
+from oprm_rag.engine.local import InProcessEngine
 from langchain_oprm import ChatRecurrent
+from oprm_rag import resolve
 
 MESSAGES = [SystemMessage("You answer briefly."), HumanMessage("The code of alpha is 1234. What is the code?")]
 
@@ -20,8 +21,8 @@ def _reference(lm: Any, text: str, special: bool, n: int, **kw: Any) -> Any:
     """Decode the same prompt with the engine directly, with nothing handed off."""
     from oprm_rag import GenerationConfig
 
-    lm.context.handoff.clear()
-    stream = lm.context.complete(text, GenerationConfig(max_new_tokens=n, **kw), add_special_tokens=special)
+    resolve(lm).handoff.clear()
+    stream = resolve(lm).complete(text, GenerationConfig(max_new_tokens=n, **kw), add_special_tokens=special)
     stream.text()
     return stream
 
@@ -87,13 +88,13 @@ def test_streaming_flag_streams_on_invoke(primary_path: str) -> None:
 async def test_async_paths_match_and_leave_the_loop_free(primary_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     chat = ChatRecurrent(model=primary_path, max_tokens=6)
     expected = chat.invoke(MESSAGES).content
-    real_start = ModelContext.start_prompt
+    real_start = InProcessEngine.start_prompt
 
     def slow_start(*args: Any, **kwargs: Any) -> Any:
         time.sleep(0.3)  # stands for a long prefill: it must not run on the event loop
         return real_start(*args, **kwargs)
 
-    monkeypatch.setattr(ModelContext, "start_prompt", slow_start)
+    monkeypatch.setattr(InProcessEngine, "start_prompt", slow_start)
     handler = Tokens()
     async with LoopTicks() as loop:
         assert (await chat.ainvoke(MESSAGES)).content == expected

@@ -9,6 +9,7 @@ import pytest
 from lc_oprm_support import Tokens
 
 from langchain_oprm import RecurrentLLM
+from oprm_rag import resolve
 
 PROMPTS = ["The code of alpha is", "Mamba models keep a fixed size state. Long documents", "Hello"]
 
@@ -19,13 +20,13 @@ def test_batch_is_one_decoding_batch_equal_to_one_by_one(primary_path: str, lm_f
     alone = [llm.invoke(p) for p in PROMPTS]
     lm = lm_for(primary_path)
     batches: list[int] = []
-    real = lm.context.generate_batch
+    real = resolve(lm).generate_batch
 
     def spy(state: Any, *args: Any, **kwargs: Any) -> Any:
         batches.append(state.batch_size)
         return real(state, *args, **kwargs)
 
-    monkeypatch.setattr(lm.context, "generate_batch", spy)
+    monkeypatch.setattr(resolve(lm), "generate_batch", spy)
     assert llm.batch(PROMPTS) == alone
     assert batches == [len(PROMPTS)]
 

@@ -15,6 +15,7 @@ from langchain_core.runnables import ConfigurableField
 from lc_oprm_support import DOC, OTHER_DOC, QUESTION, LoopTicks, same_documents
 
 from langchain_oprm import OPRMSelector
+from oprm_rag import resolve
 
 SETTINGS: dict[str, Any] = {"chunk_tokens": 24, "idk_filter": False}  # the demo model may say IDK everywhere
 
@@ -187,7 +188,7 @@ def test_core_selectors_share_the_model_and_its_cache(primary_path: str, lm_for)
     c = OPRMSelector(model=primary_path, top_k=3)
     assert a.core_selector().options.top_k == 2 and c.core_selector().options.top_k == 3
     lm = lm_for(primary_path)
-    assert a.core_selector().lm is lm and a.core_selector().cache is lm.context.document_cache()
+    assert a.core_selector().lm is lm and a.core_selector().cache is resolve(lm).document_cache()
     assert OPRMSelector(model=primary_path, cache=False).core_selector().cache is None
     # A loaded model works as well as its path: the same shared object and options.
     assert OPRMSelector(model=lm, top_k=2).core_selector().lm is a.core_selector().lm
@@ -197,7 +198,7 @@ def test_core_selectors_share_the_model_and_its_cache(primary_path: str, lm_for)
 def test_follow_up_questions_reuse_cached_chunk_states(primary_path: str, lm_for) -> None:
     text = DOC + " A new paragraph only this test uses."
     sel = OPRMSelector(model=primary_path, **SETTINGS)
-    cache = lm_for(primary_path).context.document_cache()
+    cache = resolve(lm_for(primary_path)).document_cache()
     before = cache.stats()["hits"]
     sel.invoke({"question": QUESTION, "documents": text})
     sel.invoke({"question": "What is the code of beta?", "documents": text})

@@ -15,7 +15,7 @@ MISSING = "/nonexistent/oprm-model"
 
 
 def _loaded() -> int:
-    from oprm_rag.registry import loaded_models
+    from oprm_rag.engine.resolve import loaded_models
 
     return len(loaded_models())
 

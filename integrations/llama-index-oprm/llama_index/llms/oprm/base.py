@@ -45,7 +45,7 @@ class RecurrentLLM(LazyModel, CustomLLM):
     """A recurrent LLM (Mamba, Mamba-2, RWKV, RecurrentGemma, ...) for LlamaIndex.
 
     ``model`` is a loaded ``RecurrentLM`` or a model folder / hub name; a path is loaded
-    once per process on first use (``oprm_rag.registry.resolve_lm``), never here, so
+    once per process on first use (``oprm_rag.resolve``), never here, so
     building this class is free. Decoding is greedy unless ``temperature > 0``.
 
     ``chat`` renders messages with the tokenizer's chat template. ``metadata.is_chat_model``
@@ -75,12 +75,11 @@ class RecurrentLLM(LazyModel, CustomLLM):
 
     def __init__(self, model: Any = None, **kwargs: Any) -> None:
         from oprm_rag.engine import Engine
+        from oprm_rag.engine.local import InProcessEngine
 
-        if isinstance(model, Engine) and getattr(model, "lm", None) is None:
+        if isinstance(model, Engine) and not isinstance(model, InProcessEngine):
             raise TypeError(f"RecurrentLLM decodes in this process; {model.name} is a served model: use "
                             "LlamaIndex's OpenAILike(api_base=..., model=...) on the same server")
-        if isinstance(model, Engine):
-            model = model.lm  # an in-process engine: its RecurrentLM
         super().__init__(**({} if model is None else {"model": model}), **kwargs)
 
     @classmethod
@@ -118,20 +117,20 @@ class RecurrentLLM(LazyModel, CustomLLM):
 
     # ------------------------------------------------------------------ running (blocking)
     def _start_completion(self, prompt: str, formatted: bool, overrides: Dict[str, Any]) -> "TokenStream":
-        lm = self.lm
+        engine = self.local
         if not formatted and self.completion_to_prompt is not None:
             prompt = self.completion_to_prompt(prompt)
-        return lm.context.complete(prompt, self._config(overrides), add_special_tokens=self._special_tokens(lm))
+        return engine.complete(prompt, self._config(overrides), add_special_tokens=self._special_tokens(engine.lm))
 
     def _start_chat(self, messages: Sequence[ChatMessage], overrides: Dict[str, Any]) -> "TokenStream":
-        lm = self.lm
+        engine = self.local
         turns = [{"role": _role(m), "content": m.content or ""} for m in messages]
         # Render to text, not ids: a rendered turn that begins with a just-scored
         # [P, C, Q] text finds its state through the handoff's text match.
-        text = lm.context.apply_chat_template(turns)
+        text = engine.apply_chat_template(turns)
         if text is not None:
-            return lm.context.complete(text, self._config(overrides), add_special_tokens=False)
-        return lm.context.complete(lm.chat_ids(turns), self._config(overrides))
+            return engine.complete(text, self._config(overrides), add_special_tokens=False)
+        return engine.complete(engine.lm.chat_ids(turns), self._config(overrides))
 
     @staticmethod
     def _raw(stream: "TokenStream") -> Dict[str, Any]:

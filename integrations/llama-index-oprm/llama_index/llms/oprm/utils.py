@@ -1,8 +1,7 @@
 """Helpers shared by the OPRM LlamaIndex components: lazy model handles and a thread bridge.
 
-Every component here (LLM, postprocessor, query engine) names the one shared
-``RecurrentLM`` by path and resolves it on first use through
-``oprm_rag.registry.resolve_lm``, because LlamaIndex builds components eagerly (in
+Every component here (LLM, postprocessor, query engine) names the one shared model by
+path and resolves it on first use through ``oprm_rag.resolve``, because LlamaIndex builds components eagerly (in
 ``Settings``, in ``as_query_engine``) and loading weights there would load them again and
 again. The model runs on CPU/GPU for a long time per call, so the async methods run it in
 a worker thread and pass results back through an ``asyncio.Queue``: the event loop stays
@@ -20,9 +19,10 @@ from oprm_rag import DEMO_MODEL
 
 if TYPE_CHECKING:  # pragma: no cover
     from oprm_rag.engine import Engine
+    from oprm_rag.engine.local import InProcessEngine
     from oprm_rag.lm import RecurrentLM
 
-__all__ = ["ModelArg", "LazyModel", "split_model_arg", "resolve_model", "aiter_in_thread"]
+__all__ = ["ModelArg", "LazyModel", "split_model_arg", "aiter_in_thread"]
 
 T = TypeVar("T")
 
@@ -31,63 +31,67 @@ T = TypeVar("T")
 ModelArg = Union["RecurrentLM", "Engine", str, Path]
 
 
-def split_model_arg(model: Any) -> Tuple[str, Optional["RecurrentLM"]]:
-    """``model=`` as a serialisable name plus the instance when one was given.
+def split_model_arg(model: Any) -> Tuple[str, Optional[Any]]:
+    """``model=`` as a serialisable name plus the instance when one was given (checked by
+    the core, ``oprm_rag.integration.check_model``, without loading anything).
 
     Pydantic fields must stay serialisable (LlamaIndex dumps components into events), so
     components keep the name in a field and the instance in a private attribute.
     """
-    from oprm_rag.engine import Engine
-    from oprm_rag.lm import RecurrentLM
+    from oprm_rag.integration import check_model, model_name
 
-    if isinstance(model, (RecurrentLM, Engine)):
-        return str(model.name), model
-    if isinstance(model, (str, Path)):
-        if not str(model).strip():
-            raise ValueError("model must name a model folder or hub id, got an empty string")
-        return str(model), None
-    raise TypeError(f"model must be a RecurrentLM, an oprm_rag Engine (e.g. OpenAICompatibleLM) or a path / hub "
-                    f"name, got {type(model).__name__}")
-
-
-def resolve_model(name: str, held: Optional["RecurrentLM"], options: Dict[str, Any]) -> "RecurrentLM":
-    """The instance given at construction, else the process-wide shared one for ``name``."""
-    if held is not None:
-        return held
-    from oprm_rag.registry import resolve_lm
-
-    return resolve_lm(name, **options)
+    checked = check_model(model)
+    if isinstance(checked, str):
+        return checked, None
+    return model_name(checked), checked
 
 
 class LazyModel(BaseModel):
-    """The ``model`` every OPRM component takes, and the shared ``RecurrentLM`` behind it.
+    """The ``model`` every OPRM component takes, and the engine behind it.
 
     The field holds the model's name (serialisable, see ``split_model_arg``); a loaded
-    model given to the constructor is kept as is, and a path is resolved on first use of
-    ``lm``, never at construction. A component lists it before its LlamaIndex base class
-    (``class RecurrentLLM(LazyModel, CustomLLM)``), so this constructor runs first and
-    hands the name on. Subclasses declare ``model_kwargs`` (the loading options) among
-    their own fields, where it has always been in their field order.
+    model or an engine given to the constructor is kept as is, and a path is resolved on
+    first use (``oprm_rag.resolve``, once per process), never at construction. A component
+    lists it before its LlamaIndex base class (``class RecurrentLLM(LazyModel, CustomLLM)``),
+    so this constructor runs first and hands the name on. Subclasses declare
+    ``model_kwargs`` (the loading options) among their own fields, where it has always
+    been in their field order.
     """
 
     model: str = Field(default=DEMO_MODEL, description="Model folder or hub name (the loaded model's name).")
 
-    _lm: Any = PrivateAttr(default=None)
+    _held: Any = PrivateAttr(default=None)
+    _engine: Any = PrivateAttr(default=None)
 
     if TYPE_CHECKING:  # pragma: no cover
         model_kwargs: Dict[str, Any]
 
     def __init__(self, model: ModelArg = DEMO_MODEL, **kwargs: Any) -> None:
-        name, lm = split_model_arg(model)
+        name, held = split_model_arg(model)
         super().__init__(model=name, **kwargs)
-        self._lm = lm
+        self._held = held
+
+    @property
+    def engine(self) -> "Engine":
+        """The engine (resolved on first access, never at construction)."""
+        if self._engine is None:
+            from oprm_rag import resolve
+
+            self._engine = resolve(self._held) if self._held is not None else resolve(self.model,
+                                                                                      **self.model_kwargs)
+        return self._engine
+
+    @property
+    def local(self) -> "InProcessEngine":
+        """The in-process engine (a served model is refused with what to use instead)."""
+        from oprm_rag.integration import in_process
+
+        return in_process(self.engine)
 
     @property
     def lm(self) -> "RecurrentLM":
         """The shared ``RecurrentLM`` (loaded on first access, never at construction)."""
-        if self._lm is None:
-            self._lm = resolve_model(self.model, None, self.model_kwargs)
-        return self._lm
+        return self.local.lm
 
 
 async def aiter_in_thread(factory: Callable[[], Iterator[T]]) -> AsyncGenerator[T, None]:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, create_model, model_validator
 from llama_index.core.schema import BaseNode, MetadataMode, NodeRelationship, NodeWithScore, TextNode
 from oprm_rag.options import SelectorOptions as CoreOptions
+from oprm_rag.integration import option_fields
 from oprm_rag.options import check_names, option_specs
 from oprm_rag.results import METADATA_KEYS
 
@@ -36,14 +37,8 @@ OPRM_METADATA_KEYS: Tuple[str, ...] = (*METADATA_KEYS, "oprm_source_node_id")
 _OPTION_NAMES: Tuple[str, ...] = tuple(s.name for s in option_specs() if s.name != "top_k")
 
 
-def _option_fields() -> Dict[str, Any]:
-    # ``Any``: the core checks every value (one copy of every check); the description names the type.
-    return {spec.name: (Any, Field(default=spec.default, description=f"{spec.doc} ({spec.annotation})"))
-            for spec in option_specs() if spec.name in _OPTION_NAMES}
-
-
 _Generated: Any = create_model("_GeneratedOPRMOptions", __config__=ConfigDict(arbitrary_types_allowed=True),
-                               **_option_fields())
+                               **option_fields(exclude=("top_k",)))
 
 
 class OPRMSelectorOptions(LazyModel, _Generated):
@@ -81,7 +76,7 @@ class OPRMSelectorOptions(LazyModel, _Generated):
         nodes reuse their chunk states)."""
         from oprm_rag.selector import OPRMSelector
 
-        return OPRMSelector(self.lm, self._options)
+        return OPRMSelector(self.engine, self._options)
 
 
 class NodeDocuments:
