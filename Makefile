@@ -10,7 +10,7 @@ PIP     := $(PY) -m pip
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install demo serve test test-fast bench bench-quick train-demo-model clean browser balancer served-test vllm
+.PHONY: install demo serve test test-fast bench bench-quick train-demo-model train-demo-model-v2 eval-demo-model clean browser balancer served-test vllm
 
 install: $(STAMP)
 
@@ -124,8 +124,38 @@ bench: install
 # its card says how) fine-tuned with hard negatives on more prose. `--resume` continues a stopped run.
 DEMO_FINETUNE := --init-from training/checkpoints/demo-v1 --run-dir runs/demo-v2-finetune --steps 3000 --easy-steps 0 \
                  --hard-from 0 --progress-from 1.0 --lr 1e-3 --absent-share 0.6 --eval-every 500
-train-demo-model: install
+# The shipped model (v2): v1 fine-tuned with hard negatives, 26 min on 2 cores.
+train-demo-model-v2: install
 	$(PY) training/train_demo_model.py $(DEMO_FINETUNE) --out oprm_rag/demo/model
+# v3 (issue #25), trained in pieces: resumes from training/checkpoints/demo-v3/checkpoint.pt, writes it
+# again every 15 min and on SIGTERM/ctrl-C (commit it and train_log.jsonl when you stop). The recipe is the
+# script's defaults; after its last step the model is written to runs/demo-v3/model (shipped only once
+# `make eval-demo-model` says SHIP).
+DEMO_V3 := --eval-every 250
+train-demo-model: install
+	$(PY) training/train_demo_v3.py $(DEMO_V3)
+eval-demo-model: install
+	$(PY) training/eval_checkpoint.py
+
+# transformers' lowest and highest allowed versions (pyproject.toml: transformers>=4.46,<5.25), each in
+# its own venv beside .venv (torch as above), running a fast subset of the tests on this checkout
+# (PYTHONPATH: nothing is installed into the tree). `make test` covers the version .venv resolved.
+TF_LOWEST  ?= transformers==5.0.0
+TF_HIGHEST ?= transformers==5.24.0
+TF_SUBSET  ?= tests/test_lm.py tests/test_loading.py tests/test_generation.py tests/test_selector_contract.py \
+              tests/test_idk_words.py tests/test_detokenize.py
+TF_DEPS    := "safetensors>=0.4" "tqdm>=4.60" numpy "pytest>=8" "pytest-asyncio>=0.23" psutil
+
+.PHONY: test-transformers-lowest test-transformers-highest
+test-transformers-lowest:
+	$(MAKE) --no-print-directory _tf-range TF_VENV=.venv-tf-lowest TF_PINS="$(TF_LOWEST)"
+test-transformers-highest:
+	$(MAKE) --no-print-directory _tf-range TF_VENV=.venv-tf-highest TF_PINS="$(TF_HIGHEST)"
+_tf-range:
+	@test -x $(TF_VENV)/bin/python || $(PYTHON) -m venv $(TF_VENV)
+	$(TF_VENV)/bin/python -m pip install -q "$(TORCH)" $(TF_PINS) $(TF_DEPS)
+	$(TF_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	PYTHONPATH=$(CURDIR) $(TF_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" $(TF_SUBSET)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-tf-lowest .venv-tf-highest build *.egg-info .pytest_cache

@@ -379,7 +379,7 @@ def evaluate(model, items: list[dict], idk_id: int, batch: int = 32) -> dict:
         ids = torch.zeros((len(seqs), width), dtype=torch.long)
         for r, x in enumerate(seqs):
             ids[r, : len(x)] = torch.tensor(x)
-        logits = model(ids, use_cache=False).logits.float()
+        logits = model(ids.to(next(model.parameters()).device), use_cache=False).logits.float().cpu()
         for r, it in enumerate(group):
             n, a = len(it["ids"]), it["answer"]
             out = logits[r, n - 1: n - 1 + len(a)]
@@ -444,6 +444,19 @@ def save_checkpoint(path: Path, model, opt, step: int, rng: random.Random, log: 
 
 
 # --------------------------------------------------------------------------- main
+def demo_config(tok, hidden: int, layers: int, state: int, head_dim: int):
+    """The demo models' ``Mamba2Config``: expand 2, one B/C group (the fast forward's
+    case), a 4-tap convolution, tied embeddings."""
+    from transformers import Mamba2Config
+
+    return Mamba2Config(
+        vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, state_size=state, head_dim=head_dim,
+        expand=2, num_heads=2 * hidden // head_dim, n_groups=1, conv_kernel=4, chunk_size=64,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True, use_cache=True,
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "demo-v2" / "model",
@@ -524,15 +537,9 @@ def main(argv: list[str] | None = None) -> None:
           + ", ".join(f"{k} {len(v)}" for k, v in corpus.items()) + f" sentences ({time.time() - t0:.0f}s)",
           flush=True)
 
-    from transformers import Mamba2Config, Mamba2ForCausalLM
+    from transformers import Mamba2ForCausalLM
 
-    config = Mamba2Config(
-        vocab_size=len(tok), hidden_size=args.hidden, num_hidden_layers=args.layers,
-        state_size=args.state, head_dim=args.head_dim, expand=2,
-        num_heads=2 * args.hidden // args.head_dim, n_groups=1, conv_kernel=4, chunk_size=64,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True, use_cache=True,
-    )
+    config = demo_config(tok, args.hidden, args.layers, args.state, args.head_dim)
     if args.init_from is not None:
         model = Mamba2ForCausalLM.from_pretrained(args.init_from)
         if model.config.vocab_size != len(tok):
@@ -650,7 +657,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"saved to {args.out} after {elapsed() / 60:.1f} min of training", flush=True)
 
 
-def write_model(args, model, tok, n_params: int, corpus: dict, log: list, seconds: float, counts: dict) -> None:
+def write_model(args, model, tok, n_params: int, corpus: dict, log: list, seconds: float, counts: dict,
+                recipe: str | None = None) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -662,7 +670,7 @@ def write_model(args, model, tok, n_params: int, corpus: dict, log: list, second
         "use_chat_template": False,
     }, indent=2) + "\n")
     (out / "training_log.json").write_text(json.dumps({
-        "recipe": "v2" if args.init_from is None else f"v2 fine-tune of {args.init_from}",
+        "recipe": recipe or ("v2" if args.init_from is None else f"v2 fine-tune of {args.init_from}"),
         # A fine-tune takes its architecture and tokenizer from --init-from: those flags did nothing.
         "args": {k: str(v) for k, v in vars(args).items()
                  if args.init_from is None or k not in ("vocab", "hidden", "layers", "state", "head_dim")},
