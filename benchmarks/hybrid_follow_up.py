@@ -40,8 +40,9 @@ def _embedded(lm):
 def _family(family: str, doc_tokens: int, chunk: int, repeat: int) -> dict:
     import torch
 
-    from oprm_rag import DocumentStateCache, OPRMSelector, RecurrentLM
+    from oprm_rag import OPRMSelector, RecurrentLM
     from oprm_rag.backends.replay import ReplayBackend
+    from oprm_rag.storage.cache import DocumentStateCache
     from oprm_rag.testing import tiny_model
 
     model, tok = tiny_model(family)

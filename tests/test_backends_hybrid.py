@@ -22,14 +22,14 @@ import logging
 import pytest
 import torch
 
-from oprm_rag import DocumentStateCache, OPRMSelector, RecurrentLM
+from oprm_rag import OPRMSelector, RecurrentLM, resolve
 from oprm_rag.backends.hf_cache import CacheBackend
 from oprm_rag.backends.replay import ReplayBackend
+from oprm_rag.engine import StatefulEngine
 from oprm_rag.scoring import first_token_stats
+from oprm_rag.storage.cache import DocumentStateCache
 from oprm_rag.state import RecurrentState
 from oprm_rag.testing import CACHE_FAMILIES, FALLBACK_FAMILIES
-from oprm_rag import resolve
-from oprm_rag.engine import StatefulEngine
 
 DOC = ("The code of alpha is 1234. Mamba models keep a fixed size state. Long documents overflow that state. "
        "OPRM splits the context into chunks and scores each chunk. The code of beta is 5678. ") * 2
