@@ -38,7 +38,7 @@ _LOADED: dict[tuple[str, str], RecurrentLM] = {}
 _LOCK = threading.Lock()
 
 
-def resolve(model: "ModelLike", **load_options: Any) -> Engine:
+def resolve(model: "ModelLike", /, **load_options: Any) -> Engine:
     """The engine for ``model`` (see the module docstring for what it takes).
 
     ``load_options`` go to ``RecurrentLM.from_pretrained`` for a path, or to

@@ -48,6 +48,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Sequence, TypeVar
 
+from ..decoding.stream import BaseTextStream
 from .deadline import bounded, http_client
 from .entropy import TopLogprobs, _impossible, impossible_logprobs
 from .errors import (
@@ -688,7 +689,7 @@ class _Finish:
             raise err
 
 
-class CompletionStream:
+class CompletionStream(BaseTextStream):
     """A streamed completion of one prompt: iterate for text; ``result`` (a
     :class:`Completed`) once the stream ends. ``close()`` stops it early.
 
@@ -702,16 +703,10 @@ class CompletionStream:
         self.cfg = cfg
         self._finish = _Finish(client.base_url)
         self._stream: Any = None
-        self._iter: Iterator[str] | None = None
 
     @property
-    def result(self) -> Completed:
+    def result(self) -> Completed:  # type: ignore[override]
         return self._finish.result
-
-    def __iter__(self) -> Iterator[str]:
-        if self._iter is None:
-            self._iter = self._pieces()
-        return self._iter
 
     def _pieces(self) -> Iterator[str]:
         c = self.client
@@ -739,10 +734,6 @@ class CompletionStream:
             finally:
                 if self._stream is not None:
                     self._stream.close()
-
-    def close(self) -> None:
-        if self._iter is not None:
-            self._iter.close()  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------- parsing
