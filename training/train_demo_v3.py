@@ -147,7 +147,7 @@ def loss_fn(model, batch, args: argparse.Namespace, idk_id: int) -> tuple[torch.
     logits = model.lm_head(hidden).float()
     nll = F.cross_entropy(logits, target, reduction="none")
     loss = (nll * weight).sum() / weight.sum()
-    rows = torch.arange(len(batch.first_answer))
+    rows = torch.arange(len(batch.first_answer), device=h_br.device)
     first_logits = model.lm_head(h_br[rows, batch.first_answer]).float()
     first_target = batch.branches[rows, batch.first_answer + 1]
     right = first_logits.gather(1, first_target[:, None])[:, 0]
