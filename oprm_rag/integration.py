@@ -46,8 +46,8 @@ def check_model(value: Any) -> "ModelLike":
         return value
     if _is_built(value):
         return value
-    raise TypeError(f"model must be an oprm_rag.RecurrentLM, an oprm_rag Engine (e.g. OpenAICompatibleLM) or a "
-                    f"path / hub name, got {type(value).__name__}")
+    raise TypeError(f"model must be an oprm_rag.RecurrentLM, an oprm_rag Engine or a path / hub name "
+                    f"(an Engine: e.g. OpenAICompatibleLM for a served model), got {type(value).__name__}")
 
 
 def model_name(model: "ModelLike") -> str:

@@ -49,7 +49,8 @@ import torch
 
 from ..state import KV_PREFIX, RecurrentState
 from ..threads import intra_op_threads
-from .base import Backend, DecodeSession, ForwardOutput, call_threads
+from .base import Backend, DecodeSession, ForwardOutput, call_threads, logits_close
+from .cache_layout import CacheLayout
 
 __all__ = ["CacheBackend", "CacheSession", "CacheLayout", "DynamicCacheLayout", "layout_for", "cache_argument",
            "why_not_exact"]
@@ -71,21 +72,6 @@ def cache_argument(model: Any) -> str | None:
     except (TypeError, ValueError):
         return None
     return "cache" if "cache" in params else None
-
-
-class CacheLayout:
-    """How one kind of transformers cache maps to and from a state's named tensors."""
-
-    #: Attention keys and values live in the state (then positions and masks are needed).
-    has_kv: bool = True
-
-    def build(self, state: RecurrentState, fresh: bool) -> Any:
-        """A new cache holding ``state`` (copies of whatever the model updates in place)."""
-        raise NotImplementedError
-
-    def extract(self, cache: Any) -> dict[str, torch.Tensor]:
-        """The cache's tensors by state name (``position`` excluded)."""
-        raise NotImplementedError
 
 
 class DynamicCacheLayout(CacheLayout):
@@ -381,7 +367,6 @@ def _self_check(backend: CacheBackend) -> str | None:
     3, and (b) states after 4 and after 2 tokens, batched (the shorter left-padded), each
     continued by the same 3 tokens as its own plain forward of 7 and 5 tokens.
     """
-    from .replay import _close
 
     model = backend.model
     vocab = int(model.get_output_embeddings().weight.shape[0])
@@ -393,12 +378,12 @@ def _self_check(backend: CacheBackend) -> str | None:
             short = model(input_ids=torch.cat([ids[1:, :2], ids[1:, 4:]], 1), use_cache=False).logits.float()
         first = backend.forward(ids[:, :4])
         rest = backend.forward(ids[:, 4:], first.state, all_logits=True)
-        if not _close(rest.logits, plain[:, 4:], backend.dtype):
+        if not logits_close(rest.logits, plain[:, 4:], backend.dtype):
             return f"continuing from a stored state is off by {_gap(rest.logits, plain[:, 4:]):.2g}"
         mixed = RecurrentState.cat([first.state.select(0), backend.forward(ids[1:, :2]).state])
         both = backend.forward(ids[:, 4:], mixed, all_logits=True)
-        if not (_close(both.logits[0], plain[0, 4:], backend.dtype)
-                and _close(both.logits[1], short[0, 2:], backend.dtype)):
+        if not (logits_close(both.logits[0], plain[0, 4:], backend.dtype)
+                and logits_close(both.logits[1], short[0, 2:], backend.dtype)):
             want = torch.stack([plain[0, 4:], short[0, 2:]])
             return f"rows of different lengths in one batch are off by {_gap(both.logits, want):.2g}"
     except Exception as exc:  # noqa: BLE001 - a cache this path does not understand

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..state import RecurrentState
-from .base import Backend, DecodeSession, ForwardOutput
+from .base import Backend, DecodeSession, ForwardOutput, logits_close
 
 __all__ = ["ReplayBackend", "CACHE_FIELDS"]
 
@@ -200,7 +200,7 @@ class _CachedSession(DecodeSession):
             else:
                 if self.mode == "unknown":  # trust a foreign cache only once it has matched
                     reference, _, _ = self._full(tokens, want_cache=False)
-                    if _close(logits, reference, self.backend.dtype):
+                    if logits_close(logits, reference, self.backend.dtype):
                         self.mode = "cache"
                     else:
                         self._recompute_from_now_on(f"continuing from its {self._cache_name} does not match "
@@ -213,15 +213,3 @@ class _CachedSession(DecodeSession):
         self.state = RecurrentState(self.backend.family, {
             "position": self.state.tensors["position"] + ids.shape[1], "tokens": tokens})
         return logits
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Same logits up to the float noise of the model's ``dtype`` (cached vs uncached kernels)."""
-    if a.shape != b.shape or not torch.equal(torch.isfinite(a), torch.isfinite(b)):
-        return False
-    finite = torch.isfinite(b)
-    if not bool(finite.any()):
-        return True
-    scale = max(1.0, float(b[finite].abs().max()))
-    tol = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
-    return bool((a[finite] - b[finite]).abs().max() <= tol * scale)

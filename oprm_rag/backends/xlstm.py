@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..state import RecurrentState
-from .hf_cache import CacheLayout
+from .cache_layout import CacheLayout
 
 __all__ = ["XlstmLayout"]
 
