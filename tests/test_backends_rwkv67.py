@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("rwkv", reason="the reference implementation is PyPI's rwkv package (pip install rwkv)")
 
 from oprm_rag.backends import backend_for  # noqa: E402
-from oprm_rag.backends.rwkv6 import Rwkv6Backend, wkv6_chunked  # noqa: E402
+from oprm_rag.backends.rwkv6 import Rwkv6Backend, wkv6_chunked, wkv6_scan  # noqa: E402
 from oprm_rag.backends.rwkv7 import Rwkv7Backend  # noqa: E402
 from oprm_rag.errors import ModelLoadError  # noqa: E402
 from oprm_rag.rwkv_loading import load_rwkv  # noqa: E402
@@ -148,20 +148,15 @@ def test_state_layout_and_size(setup):
         other(backend.model).forward(ids_for(1, 3), empty.select(0))
 
 
-def test_wkv6_chunk_size_does_not_change_the_result():
+def test_wkv6_chunks_equal_the_token_by_token_scan():
     g = torch.Generator().manual_seed(5)
     b, t, h, n = 2, 45, 2, 8
     r, k, v = (torch.randn(b, t, h, n, generator=g) for _ in range(3))
     # decays that swing between strong and weak within a chunk
     log_w = -torch.exp(torch.randn(b, t, h, n, generator=g) * 3)
     u, s0 = torch.randn(h, n, generator=g), torch.randn(b, h, n, n, generator=g)
-    want_out, want_state = wkv6_chunked(r, k, v, log_w, u, s0, chunk=1)  # one token a step: the recurrence
-    one_by_one, state = [], s0
-    for t in range(45):  # the single-token path
-        out, state = wkv6_chunked(r[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], log_w[:, t:t + 1], u, state)
-        one_by_one.append(out)
-    assert err(torch.cat(one_by_one, 1), want_out) < 1e-4 and err(state, want_state) < 1e-4
-    for chunk in (4, 16, 32):
+    want_out, want_state = wkv6_scan(r, k, v, log_w, u, s0)  # BlinkDL's recurrence (the CPU path)
+    for chunk in (1, 4, 16, 32, None):
         out, state = wkv6_chunked(r, k, v, log_w, u, s0, chunk=chunk)
         assert err(out, want_out) < 1e-4 and err(state, want_state) < 1e-4
 
