@@ -102,3 +102,27 @@ def write(name: str, out_dir: Path, data: dict[str, Any], plot: Callable[[Any], 
         plt.close(fig)
     print(f"wrote {path}")
     return path
+
+
+def follow_up_plot(rows: list[dict[str, Any]], baseline: str, baseline_label: str,
+                   bytes_label: str) -> Callable[[Any], None]:
+    """A ``write`` plot for per-family follow-up rows: the follow-up's speed-up over
+    ``baseline`` (a row key) and over the first question, and the state bytes per chunk."""
+
+    def plot(fig: Any) -> None:
+        ax, bx = fig.subplots(1, 2)
+        names = [r["family"] for r in rows]
+        y = range(len(rows))
+        ax.barh([i + 0.2 for i in y], [r[baseline] for r in rows], height=0.4, color="#2ca02c",
+                label=baseline_label)
+        ax.barh([i - 0.2 for i in y], [r["speedup_vs_first"] for r in rows], height=0.4, color="#7f7f7f",
+                label="vs the first question")
+        ax.set_yticks(list(y), names, fontsize=7)
+        ax.set_xlabel("follow-up speed-up (x)")
+        ax.legend(fontsize=7)
+        ax.set_title(f"{rows[0]['doc_tokens']:,}-token document, {rows[0]['chunk_tokens']}-token chunks", fontsize=8)
+        bx.barh(list(y), [r["state_bytes_per_chunk"] / 1024 for r in rows], color="#1f77b4")
+        bx.set_yticks(list(y), names, fontsize=7)
+        bx.set_xlabel(bytes_label)
+
+    return plot

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import parser, write
+from benchmarks.common import follow_up_plot, parser, write
 
 
 def _version(version: int, doc_tokens: int, chunk: int, repeat: int, size: dict, folder: Path) -> dict:
@@ -101,22 +101,7 @@ def main() -> None:
                                        "follow_up_embedded_fraction_of_doc", "same_answer_as_uncached",
                                        "state_bytes_per_chunk")}, flush=True)
 
-    def plot(fig) -> None:
-        ax, bx = fig.subplots(1, 2)
-        names = [r["family"] for r in rows]
-        y = range(len(rows))
-        ax.barh([i + 0.2 for i in y], [r["speedup_vs_uncached"] for r in rows], height=0.4, color="#2ca02c",
-                label="vs the uncached follow-up")
-        ax.barh([i - 0.2 for i in y], [r["speedup_vs_first"] for r in rows], height=0.4, color="#7f7f7f",
-                label="vs the first question")
-        ax.set_yticks(list(y), names, fontsize=8)
-        ax.set_xlabel("follow-up speed-up (x)")
-        ax.legend(fontsize=7)
-        ax.set_title(f"{rows[0]['doc_tokens']:,}-token document, {rows[0]['chunk_tokens']}-token chunks", fontsize=8)
-        bx.barh(list(y), [r["state_bytes_per_chunk"] / 1024 for r in rows], color="#1f77b4")
-        bx.set_yticks(list(y), names, fontsize=8)
-        bx.set_xlabel("state KiB per chunk (fixed)")
-
+    plot = follow_up_plot(rows, "speedup_vs_uncached", "vs the uncached follow-up", "state KiB per chunk (fixed)")
     write("rwkv67_follow_up", args.out, {"families": rows, "doc_tokens": doc_tokens, "chunk_tokens": chunk,
                                          "model_size": size,
                                          "min_speedup_vs_uncached": min(r["speedup_vs_uncached"] for r in rows)},
