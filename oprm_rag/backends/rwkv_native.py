@@ -25,7 +25,7 @@ from torch import nn
 
 from ..state import RecurrentState
 from ..threads import intra_op_threads
-from .base import Backend, ForwardOutput, StepSession, call_threads, valid_mask
+from .base import Backend, ForwardOutput, StepSession, call_threads
 from .rwkv import RwkvBackend
 
 __all__ = ["RwkvNativeConfig", "RwkvNativeModel", "NativeRwkvBackend", "token_shift", "group_norm_heads"]
@@ -250,11 +250,3 @@ class NativeRwkvBackend(Backend):
         new, hidden = self._run(ids[:, None], tensors, None, None)
         tensors.update(new)
         return self._lm_head(hidden[:, -1])
-
-
-def pad_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
-    """[b, t, 1] float mask (1 on real tokens), or None without padding."""
-    return None if valid is None else valid[..., None].float()
-
-
-__all__ += ["pad_mask", "valid_mask"]
