@@ -33,15 +33,17 @@ def find_nginx() -> Path | None:
     return None
 
 
-def config(upstreams: Sequence[str], port: int, folder: Path, *, policy: str = "least_conn") -> str:
+def config(upstreams: Sequence[str], port: int, folder: Path, *, policy: str = "least_conn", tries: int = 0) -> str:
     """An nginx config balancing ``upstreams`` (``host:port``) on 127.0.0.1:``port``.
 
     * ``least_conn``: a new request goes to the replica with the fewest in flight, so one
       question's concurrent chunk rows spread over the replicas;
     * ``max_fails=1 fail_timeout=30s``: a replica that fails is left out for 30 s;
     * ``proxy_next_upstream error timeout``: a request nginx could not hand to a replica
-      (connection refused) goes to the next; one a replica took and then dropped (killed
-      mid-request) is answered 502, and the client's retry reaches a live replica;
+      (connection refused, a dropped keep-alive connection) goes to the next; one a replica
+      took and then dropped (killed mid-request) is answered 502, and the client's retry
+      reaches a live replica. ``tries`` (``proxy_next_upstream_tries``; 0: no limit) set to 1
+      leaves every retry to the client;
     * ``proxy_buffering off``: streamed answers pass through as they come.
     """
     servers = "\n".join(f"        server {u} max_fails=1 fail_timeout=30s;" for u in upstreams)
@@ -76,6 +78,7 @@ http {{
             proxy_buffering off;
             proxy_read_timeout 300s;
             proxy_next_upstream error timeout;
+            proxy_next_upstream_tries {tries};
         }}
     }}
 }}
@@ -102,12 +105,14 @@ def _free_port() -> int:
 class Nginx:
     """An nginx process balancing ``upstreams`` on a free loopback port."""
 
-    def __init__(self, upstreams: Sequence[str], *, binary: Path | None = None, policy: str = "least_conn") -> None:
+    def __init__(self, upstreams: Sequence[str], *, binary: Path | None = None, policy: str = "least_conn",
+                 tries: int = 0) -> None:
         self.binary = binary or find_nginx()
         if self.binary is None:
             raise RuntimeError("nginx is not installed: run `make served-test` (it runs apt-get install nginx)")
         self.upstreams = list(upstreams)
         self.policy = policy
+        self.tries = tries
         self.folder = Path(tempfile.mkdtemp(prefix="oprm-nginx-"))
         self.port = _free_port()
         self.process: subprocess.Popen | None = None
@@ -122,7 +127,7 @@ class Nginx:
 
     def start(self) -> "Nginx":
         conf = self.folder / "nginx.conf"
-        conf.write_text(config(self.upstreams, self.port, self.folder, policy=self.policy))
+        conf.write_text(config(self.upstreams, self.port, self.folder, policy=self.policy, tries=self.tries))
         log = open(self.folder / "stderr.log", "ab")
         self.process = subprocess.Popen([str(self.binary), "-p", str(self.folder), "-c", str(conf), "-e",
                                          str(self.folder / "error.log")], stdout=log, stderr=subprocess.STDOUT,
