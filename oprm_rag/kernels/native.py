@@ -259,7 +259,8 @@ def mamba1_scan_tm(x: torch.Tensor, dt: torch.Tensor, At: torch.Tensor, B: torch
     def run(start: int, stop: int) -> None:
         lib.oprm_mamba1_scan_tm(b, d, t, n, *args, start, stop)
 
-    parallel_rows(blocks, run, threads, work_per_row=LANES * t * n * 8)
+    with torch.profiler.record_function("oprm::mamba1_scan"):
+        parallel_rows(blocks, run, threads, work_per_row=LANES * t * n * 8)
     return y
 
 
@@ -291,7 +292,8 @@ def causal_conv_tm(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, b
     def run(start: int, stop: int) -> None:
         lib.oprm_conv_tm(b, d, t, K, *args, start, stop)
 
-    parallel_rows(blocks, run, threads, work_per_row=LANES * t * K)
+    with torch.profiler.record_function("oprm::causal_conv"):
+        parallel_rows(blocks, run, threads, work_per_row=LANES * t * K)
     return out, new_state
 
 
@@ -326,7 +328,8 @@ def mamba2_scan_tm(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
         if lib.oprm_mamba2_scan_tm(b, t, heads, p, n, g, *args, rows, start, stop) != 0:
             raise ValueError("the native Mamba-2 scan does not take these shapes")
 
-    parallel_rows(b * heads * blocks, run, threads, work_per_row=2 * t * rows * n)
+    with torch.profiler.record_function("oprm::mamba2_scan"):
+        parallel_rows(b * heads * blocks, run, threads, work_per_row=2 * t * rows * n)
     return y
 
 
@@ -351,7 +354,8 @@ def gated_norm_tm(y: torch.Tensor, x: torch.Tensor, z: torch.Tensor, D: torch.Te
         if lib.oprm_gated_norm_tm(*args, start, stop) != 0:
             raise ValueError("gated_norm_tm: the channels do not split into the norm's groups")
 
-    parallel_rows(b * t, run, threads, work_per_row=8 * heads * p)
+    with torch.profiler.record_function("oprm::gated_norm"):
+        parallel_rows(b * t, run, threads, work_per_row=8 * heads * p)
     return y
 
 
@@ -405,7 +409,8 @@ class StepLinear:
             if fn(*args, start, stop) not in (None, 0):
                 raise ValueError("the native matrix-vector product does not take these shapes")
 
-        parallel_rows(self.rows, run, self.threads, work_per_row=self.k * b)
+        with torch.profiler.record_function("oprm::step_linear"):
+            parallel_rows(self.rows, run, self.threads, work_per_row=self.k * b)
         return y
 
 
