@@ -137,10 +137,10 @@ train-demo-model: install
 eval-demo-model: install
 	$(PY) training/eval_checkpoint.py
 
-# transformers' lowest and highest allowed versions (pyproject.toml: transformers>=4.46,<5.25), each in
+# transformers' lowest and highest allowed versions (pyproject.toml: transformers>=5.13,<5.25), each in
 # its own venv beside .venv (torch as above), running a fast subset of the tests on this checkout
 # (PYTHONPATH: nothing is installed into the tree). `make test` covers the version .venv resolved.
-TF_LOWEST  ?= transformers==5.0.0
+TF_LOWEST  ?= transformers==5.13.0
 TF_HIGHEST ?= transformers==5.24.0
 TF_SUBSET  ?= tests/test_lm.py tests/test_loading.py tests/test_generation.py tests/test_selector_contract.py \
               tests/test_idk_words.py tests/test_detokenize.py
