@@ -447,7 +447,22 @@ int oprm_mamba2_scan_tm(int64_t b, int64_t t, int64_t heads, int64_t p, int64_t 
             const float *Bs = B + bi * b_bs + s * b_ts + gi * n;
             const float *Cs = C + bi * c_bs + s * c_ts + gi * n;
             float *ys = y + bi * y_bs + s * y_ts + hh * p;
-            for (int64_t pi = p0; pi < p1; pi++) {
+            int64_t pi = p0;
+            for (; pi + 4 <= p1; pi += 4) { /* four rows per pass: B and C loaded once for all four */
+                float *h0 = state + pi * n, *h1 = h0 + n, *h2 = h1 + n, *h3 = h2 + n;
+                const float w0 = xs[pi] * du, w1 = xs[pi + 1] * du, w2 = xs[pi + 2] * du, w3 = xs[pi + 3] * du;
+                float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+                for (int64_t k = 0; k < n; k++) {
+                    const float bk = Bs[k], ck = Cs[k];
+                    const float v0 = decay * h0[k] + w0 * bk, v1 = decay * h1[k] + w1 * bk;
+                    const float v2 = decay * h2[k] + w2 * bk, v3 = decay * h3[k] + w3 * bk;
+                    h0[k] = v0; h1[k] = v1; h2[k] = v2; h3[k] = v3;
+                    a0 += v0 * ck; a1 += v1 * ck; a2 += v2 * ck; a3 += v3 * ck;
+                }
+                ys[pi] = a0; ys[pi + 1] = a1; ys[pi + 2] = a2; ys[pi + 3] = a3;
+            }
+            for (; pi < p1; pi++) {
                 float *hs = state + pi * n;
                 const float w = xs[pi] * du;
                 float acc = 0.0f;
