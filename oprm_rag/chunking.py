@@ -19,6 +19,8 @@ from .results import Chunk
 __all__ = ["DocumentTokens", "chunk_document"]
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
+#: Chinese and Japanese sentence ends (full-width, and no space follows them).
+_WIDE_SENTENCE_END = re.compile(r"[。！？][」』”’）\"')\]]*$")
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,7 +61,10 @@ def _is_boundary(doc: DocumentTokens, end: int, boundary: Boundary) -> bool:
     after = doc.text[stop:stop + 2]
     if boundary == "paragraph":
         return after.startswith("\n\n") or doc.text[max(0, stop - 2):stop] == "\n\n"
-    return bool(_SENTENCE_END.search(doc.text[max(0, stop - 4):stop])) and (not after or after[0].isspace())
+    tail = doc.text[max(0, stop - 4):stop]
+    if _WIDE_SENTENCE_END.search(tail):
+        return True
+    return bool(_SENTENCE_END.search(tail)) and (not after or after[0].isspace())
 
 
 def _find_cut(doc: DocumentTokens, lo: int, end: int, boundary: Boundary) -> int:

@@ -43,3 +43,22 @@ def test_this_environment_runs_an_allowed_version() -> None:
     import transformers
 
     assert Version(transformers.__version__) in _transformers_requirement().specifier
+
+
+def test_chinese_sentences_end_chunks_too() -> None:
+    """A document in another language chunks at its own sentence ends (。！？ take no space)."""
+    from transformers import AutoTokenizer
+
+    import oprm_rag
+    from oprm_rag.chunking import DocumentTokens, chunk_document
+
+    tok = AutoTokenizer.from_pretrained(oprm_rag.DEMO_MODEL)
+    text = "这是第一句话，讲的是河流。第二句话在这里！第三句话问了一个问题？" * 30
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    doc = DocumentTokens(text, enc["input_ids"], enc["offset_mapping"])
+    soft = chunk_document(doc, 0, 120, boundary="sentence", tolerance=0.5)  # a sentence is ~45 tokens here
+    exact = chunk_document(doc, 0, 120)
+    ends = ("。", "！", "？")
+    ended = sum(c.text.endswith(ends) for c in soft[:-1])
+    assert ended == len(soft) - 1 > sum(c.text.endswith(ends) for c in exact[:-1])
+    assert "".join(c.text for c in soft) == text
