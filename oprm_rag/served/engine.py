@@ -157,8 +157,9 @@ class OpenAICompatibleLM(Engine):
             server's ``/tokenize`` is used, else tiktoken approximately.
         max_concurrency: most requests in flight at once (one question's chunks are
             scored concurrently; spread over replicas by a load balancer).
-        timeout: seconds per request; max_retries: retries on 408/409/429/5xx and
-            connection errors, with exponential backoff.
+        timeout: seconds for each whole request (its retries, its wait for a slot and a
+            streamed answer's every byte included); max_retries: retries on 408/409/429/5xx
+            and connection errors, with exponential backoff, while the timeout leaves time.
         top_logprobs: log-probabilities asked per token; None: the whole vocabulary
             where the server allows it, at most ``DEFAULT_TOP_LOGPROBS``.
         prompt: a ``PromptTemplate`` (default: the tokenizer folder's
