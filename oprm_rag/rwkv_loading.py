@@ -74,7 +74,7 @@ def hub_folder(name: str, hf_kwargs: dict[str, Any]) -> Path | None:
     it can be reached (then config.json first, the weights and tokenizer files only for an
     RWKV-6/7 repository). Anything else returns None and goes through transformers as before.
     """
-    from .loading import _hub_offline, _hub_unreachable, _looks_local
+    from .model_files import _hub_offline, _hub_unreachable, _looks_local
 
     if _looks_local(name) or name.count("/") != 1:
         return None
@@ -154,7 +154,7 @@ def native_model(weights: dict[str, Any], *, name: str = "", source_format: str 
     """An :class:`RwkvNativeModel` from a BlinkDL-named state dict, checked key by key."""
     import torch
 
-    from .backends.rwkv_native import LN_X_EPS, RwkvNativeConfig, RwkvNativeModel
+    from .rwkv_model import LN_X_EPS, RwkvNativeConfig, RwkvNativeModel
 
     version = detect_version(weights)
     layers = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
@@ -402,7 +402,7 @@ def load_rwkv(path: Path, *, dtype: Any = None, device: Any = None, trust_remote
         model = native_model(weights, name=name, context_length=_context_from_name(path.name), dtype=dtype)
         tokenizer = _tokenizer_for(path.parent, model.config.vocab_size, name)
     else:
-        from .loading import check_model_folder
+        from .model_files import check_model_folder
 
         config = check_model_folder(path)
         if config.get("attn"):
