@@ -126,3 +126,12 @@ def follow_up_plot(rows: list[dict[str, Any]], baseline: str, baseline_label: st
         bx.set_xlabel(bytes_label)
 
     return plot
+
+
+def embedding_counter(lm: Any) -> tuple[dict[str, int], Any]:
+    """A counter of the tokens ``lm``'s model embeds (``counter["tokens"]``), and the hook to
+    remove: what a follow-up really ran, counted outside the project's own bookkeeping."""
+    seen = {"tokens": 0}
+    hook = lm.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: seen.__setitem__("tokens", seen["tokens"] + int(args[0].numel())))
+    return seen, hook

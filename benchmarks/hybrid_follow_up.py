@@ -26,15 +26,7 @@ from __future__ import annotations
 import copy
 import time
 
-from benchmarks.common import parser, write
-
-
-def _embedded(lm):
-    """A counter of the tokens ``lm``'s model embeds, and the hook to remove."""
-    seen = {"tokens": 0}
-    hook = lm.model.get_input_embeddings().register_forward_hook(
-        lambda module, args, out: seen.__setitem__("tokens", seen["tokens"] + int(args[0].numel())))
-    return seen, hook
+from benchmarks.common import embedding_counter, follow_up_plot, parser, write
 
 
 def _family(family: str, doc_tokens: int, chunk: int, repeat: int) -> dict:
@@ -53,7 +45,7 @@ def _family(family: str, doc_tokens: int, chunk: int, repeat: int) -> dict:
     question, follow = "What is the code of alpha?", "What is the code of beta?"
     opts = dict(chunk_tokens=chunk, idk_filter=False)
 
-    seen, hook = _embedded(lm)
+    seen, hook = embedding_counter(lm)
     try:
         t0 = time.perf_counter()
         sel = OPRMSelector(lm, cache=DocumentStateCache(max_bytes=2 * 2**30), **opts)
@@ -127,22 +119,7 @@ def main() -> None:
                                    "follow_up_embedded_fraction_of_doc", "same_answer_as_replay",
                                    "state_bytes_per_chunk")}, flush=True)
 
-    def plot(fig) -> None:
-        ax, bx = fig.subplots(1, 2)
-        names = [r["family"] for r in rows]
-        y = range(len(rows))
-        ax.barh([i + 0.2 for i in y], [r["speedup_vs_replay"] for r in rows], height=0.4, color="#2ca02c",
-                label="vs the replay follow-up")
-        ax.barh([i - 0.2 for i in y], [r["speedup_vs_first"] for r in rows], height=0.4, color="#7f7f7f",
-                label="vs the first question")
-        ax.set_yticks(list(y), names, fontsize=7)
-        ax.set_xlabel("follow-up speed-up (x)")
-        ax.legend(fontsize=7)
-        ax.set_title(f"{rows[0]['doc_tokens']:,}-token document, {rows[0]['chunk_tokens']}-token chunks", fontsize=8)
-        bx.barh(list(y), [r["state_bytes_per_chunk"] / 1024 for r in rows], color="#1f77b4")
-        bx.set_yticks(list(y), names, fontsize=7)
-        bx.set_xlabel("state KiB per chunk (tiny models)")
-
+    plot = follow_up_plot(rows, "speedup_vs_replay", "vs the replay follow-up", "state KiB per chunk (tiny models)")
     write("hybrid_follow_up", args.out, {"families": rows, "doc_tokens": doc_tokens, "chunk_tokens": chunk,
                                          "min_speedup_vs_replay": min(r["speedup_vs_replay"] for r in rows)},
           plot, quick=args.quick)

@@ -26,15 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import follow_up_plot, parser, write
+from benchmarks.common import embedding_counter, follow_up_plot, parser, write
 
 
 def _version(version: int, doc_tokens: int, chunk: int, repeat: int, size: dict, folder: Path) -> dict:
     from oprm_rag import OPRMSelector, RecurrentLM
-    try:
-        from oprm_rag.storage.cache import DocumentStateCache
-    except ImportError:  # before the storage package (issue #20)
-        from oprm_rag.cache import DocumentStateCache
+    from oprm_rag.storage.cache import DocumentStateCache
     from oprm_rag.rwkv_testing import save_rwkv_pth
 
     path = save_rwkv_pth(folder / f"v{version}", version, **size)
@@ -44,9 +41,7 @@ def _version(version: int, doc_tokens: int, chunk: int, repeat: int, size: dict,
     d = lm.count_tokens(text)
     question, follow = "What is the code of alpha?", "What is the code of beta?"
     opts = dict(chunk_tokens=chunk, idk_filter=False)
-    seen = {"tokens": 0}
-    hook = lm.model.get_input_embeddings().register_forward_hook(
-        lambda module, args, out: seen.__setitem__("tokens", seen["tokens"] + int(args[0].numel())))
+    seen, hook = embedding_counter(lm)
     try:
         sel = OPRMSelector(lm, cache=DocumentStateCache(max_bytes=2 * 2**30), **opts)
         t0 = time.perf_counter()
