@@ -46,7 +46,7 @@ from oprm_rag.demo.recall_task import IDK_WORD  # noqa: E402
 #: Flags that define the run: a resumed run must have the same (the others, such as
 #: ``--threads`` or ``--ckpt-minutes``, may change between pieces).
 RECIPE_KEYS = ("seed", "steps", "warmup", "decay_steps", "batch", "per_chunk", "train_tokens", "hidden", "layers",
-               "state", "head_dim", "lr", "weight_decay", "absent_share", "free_share", "lm_sample", "margin",
+               "state", "head_dim", "lr", "weight_decay", "absent_share", "absent_ramp", "free_share", "lm_sample", "margin",
                "margin_weight", "eval_size")
 
 
@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--absent-share", type=float, default=0.65, help="share of questions about absent keys")
+    p.add_argument("--absent-ramp", type=float, default=0.05,
+                   help="share of training over which the absent share rises from 0.3 to --absent-share")
     p.add_argument("--free-share", type=float, default=0.1, help="share of chunks without any fact")
     p.add_argument("--lm-sample", type=float, default=0.25, help="share of chunk positions with the LM loss")
     p.add_argument("--margin", type=float, default=1.0,
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
 
     batcher = ChunkBatcher(tok, corpus, v2.SOURCE_WEIGHTS, v2.instruction_text(), v2.QUESTION_TEMPLATE,
                            v2.ANSWER_TEMPLATE, v2.EOS, chunk, rng, per_chunk=args.per_chunk,
-                           absent_share=args.absent_share, free_share=args.free_share)
+                           absent_share=args.absent_share, free_share=args.free_share, absent_ramp=args.absent_ramp)
     if counts:
         batcher.counts.update(counts)
     eval_items = v2.make_eval_set(tok, chunk, args.eval_size, seed=1234)
