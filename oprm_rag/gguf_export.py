@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, ModelLoadError
-from .user_files import check_output_file, refuse_overwriting_inputs, replace_atomically
+from .user_files import check_output_file, exclusive_output, refuse_overwriting_inputs, replace_atomically
 
 if TYPE_CHECKING:  # pragma: no cover
     import argparse
@@ -361,7 +361,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, pre_tokenizer: s
             raise
         raise InputError(f"{model_dir}: the weights do not have the shapes config.json describes "
                          f"({type(exc).__name__}: {exc}); check that config.json belongs to these weights") from None
-    with replace_atomically(out_path, "cannot write the GGUF file") as tmp:
+    with exclusive_output(out_path, "export-gguf"), replace_atomically(out_path, "cannot write the GGUF file") as tmp:
         _write(gguf, tmp, model_dir, name, int(ctx), hp, pre, tokens, types, merges, specials, tensors)
     logger.info("exported %s -> %s (mamba2, f32, context %d, pre-tokenizer %s)", model_dir, out_path, ctx, pre)
     return out_path

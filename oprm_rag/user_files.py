@@ -12,6 +12,8 @@ model's weights): paths are compared resolved, and by device and inode (hard lin
 * :func:`refuse_overwriting_inputs`: refuse an output that is an input file;
 * :func:`replace_atomically`: write through a unique temp file in the output's own folder,
   renamed into place on success and removed on any failure or Ctrl-C;
+* :func:`exclusive_output`: one writer per output at a time (a second run to the same
+  file is refused, instead of one reporting success for a file the other then replaces);
 * :func:`os_problem`: an ``OSError`` as the one-line ``InputError`` the user sees.
 """
 
@@ -27,7 +29,7 @@ from typing import Iterable, Iterator
 from .errors import InputError
 
 __all__ = ["check_output_file", "check_output_dir", "refuse_overwriting_inputs", "replace_atomically",
-           "os_problem", "same_file"]
+           "os_problem", "same_file", "exclusive_output"]
 
 
 def _reason(exc: OSError) -> str:
@@ -175,3 +177,35 @@ def replace_atomically(path: str | Path, what: str) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def exclusive_output(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a hidden ``.NAME.lock`` beside it) for the block;
+    another holder makes this raise at once, naming the output. The lock is the kernel's
+    (``flock``): a crashed writer never leaves it held. Where ``flock`` does not exist
+    (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    target = Path(path)
+    lock = target.with_name(f".{target.name}.lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise os_problem(exc, f"{what} {target}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{what} {target}: another process is writing this file right now; wait for it to "
+                             "finish, or write to another file") from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+    finally:
+        os.close(fd)

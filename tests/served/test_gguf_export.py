@@ -234,3 +234,27 @@ def test_weights_of_other_shapes_than_the_config_says(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="shapes config.json describes"):
         export_gguf(folder, tmp_path / "s.gguf")
     assert _cli(str(folder), str(tmp_path / "s.gguf")) == 1
+
+
+def test_a_second_export_to_the_same_file_is_refused_while_one_runs(tmp_path: Path) -> None:
+    """Two runs to one output: the second is refused at once (no run reports success for a
+    file the other then replaces); once the first is done the output can be written again."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "x.gguf"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys\nfrom oprm_rag.user_files import exclusive_output\n"
+        f"with exclusive_output({str(out)!r}, 'export-gguf'):\n"
+        "    print('held', flush=True)\n    sys.stdin.readline()\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match="another process is writing this file"):
+            export_gguf(oprm_rag.DEMO_MODEL, out)
+        assert _cli(oprm_rag.DEMO_MODEL, str(out)) == 1
+        assert not out.exists()
+    finally:
+        holder.communicate("done\n", timeout=30)
+    assert export_gguf(oprm_rag.DEMO_MODEL, out).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]  # no lock or temp file left
