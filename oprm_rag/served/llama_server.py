@@ -30,7 +30,7 @@ from typing import Any, Sequence
 from ..errors import OptionError
 from .errors import ServerUnavailableError
 
-__all__ = ["find_llama_server", "LlamaServer", "ENV_VAR"]
+__all__ = ["find_llama_server", "LlamaServer", "ENV_VAR", "stop_process"]
 
 #: Set this to a llama-server binary to use it instead of the one ``make install`` built.
 ENV_VAR = "OPRM_LLAMA_SERVER"
@@ -178,13 +178,7 @@ class LlamaServer:
         """Stop the server by its pid (SIGTERM, then SIGKILL after 10 s); its log goes too
         unless ``keep_log``."""
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc)
         if not keep_log:
             shutil.rmtree(self._log_dir, ignore_errors=True)
 
@@ -202,3 +196,16 @@ class LlamaServer:
 
     def __repr__(self) -> str:
         return f"LlamaServer({self.model_path.name!r}, port={self.port}, slots={self.slots})"
+
+
+def stop_process(proc: "subprocess.Popen[bytes] | None", grace_s: float = 10.0) -> None:
+    """Stop a server process we started: SIGTERM, then SIGKILL after ``grace_s`` (a no-op for
+    None or a process that already ended)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=grace_s)

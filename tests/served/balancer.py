@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from oprm_rag.served.llama_server import stop_process
+
 __all__ = ["Nginx", "find_nginx", "config", "Hop"]
 
 
@@ -169,13 +171,7 @@ class Nginx:
 
     def stop(self) -> None:
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_process(proc)
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> "Nginx":
