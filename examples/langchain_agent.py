@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chunk-tokens", default="auto", help="chunk length in tokens, or 'auto'")
     args = parser.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
-        print(f"No recurrent model at {args.model}. Train the demo model with `make train-demo-model`, "
+        print(f"No recurrent model at {args.model}. Train the demo model with `make train-demo-model-v2`, "
               "or pass --model PATH.", file=sys.stderr)
         return 1
     documents, question, expected = build_documents()

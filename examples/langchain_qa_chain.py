@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (Path(args.model) / "config.json").is_file():
         which = "The shipped demo model is" if args.model == oprm_rag.DEMO_MODEL else "No model is"
         print(f"{which} missing from {args.model}.\n"
-              "Train it with `make train-demo-model` (CPU, offline), or pass --model PATH to a local "
+              "Train it with `make train-demo-model-v2` (CPU, offline), or pass --model PATH to a local "
               "Mamba / Mamba-2 / RWKV / RecurrentGemma folder.", file=sys.stderr)
         return 1
     chunk_tokens = args.chunk_tokens if args.chunk_tokens == "auto" else int(args.chunk_tokens)

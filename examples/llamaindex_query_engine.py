@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MISSING = (
     "The shipped demo model is missing: {path} has no model.safetensors.\n"
-    "Train it with `make train-demo-model` (a fine-tune of training/checkpoints/demo-v1, see the Makefile),\n"
+    "Train it with `make train-demo-model-v2` (a fine-tune of training/checkpoints/demo-v1, see the Makefile),\n"
     "or point --model at a local recurrent model folder (config, weights, tokenizer)."
 )
 

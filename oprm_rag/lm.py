@@ -286,5 +286,5 @@ def load_demo_lm(device: str | torch.device | None = None, **kwargs: Any) -> Rec
 
     if not (Path(DEMO_MODEL) / "config.json").is_file():
         raise ModelLoadError(f"the demo model is missing from {DEMO_MODEL}; reinstall oprm-rag "
-                             "or run `make train-demo-model` (a fine-tune of training/checkpoints/demo-v1)")
+                             "or run `make train-demo-model-v2` (a fine-tune of training/checkpoints/demo-v1)")
     return RecurrentLM.from_pretrained(DEMO_MODEL, device=device, **kwargs)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not Path(DEMO_MODEL, "model.safetensors").is_file(),
-                       reason="the shipped demo model is missing: run `make train-demo-model`"),
+                       reason="the shipped demo model is missing: run `make train-demo-model-v2`"),
 ]
 
 

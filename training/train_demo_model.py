@@ -1,7 +1,7 @@
 """Train the shipped demo model (version 2): a small Mamba-2 that answers the recall task
 and says ``Error`` when the key is absent, on prose it never saw.
 
-One command, reproducible from a seed, CPU only (``make train-demo-model``)::
+One command, reproducible from a seed, CPU only (``make train-demo-model-v2``)::
 
     python training/train_demo_model.py --out oprm_rag/demo/model
 
