@@ -30,8 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine.types import ChunkSize, EngineInfo
     from .prompts import PromptTemplate
 
-__all__ = ["SelectorOptions", "OptionSpec", "option_specs", "parse_chunk_tokens", "check_names", "Boundary", "Criterion",
-           "Fallback", "ChunkTokens", "MIN_CHUNK_TOKENS"]
+__all__ = ["SelectorOptions", "OptionSpec", "option_specs", "parse_chunk_tokens", "check_names", "Boundary",
+           "Criterion", "Fallback", "ChunkTokens", "MIN_CHUNK_TOKENS"]
 
 Boundary = Literal["paragraph", "sentence"]
 Criterion = Literal["entropy", "question_likelihood"]

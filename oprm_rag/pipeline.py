@@ -426,8 +426,8 @@ class ScoringRun:
         # during this run sent text, and its boundaries are approximate from then on
         usage = Usage(input_tokens=q.tokens, nominal_input_tokens=q.nominal, chunks=len(scores),
                       cached_chunks=q.cached_chunks, chunk_tokens=self.chunk.tokens,
-                      chunk_tokens_reason=self.chunk.reason, token_counting=self.engine.describe().token_counting,
-                      entropy_exact=q.exact)
+                      chunk_tokens_reason=self.chunk.reason,
+                      token_counting=self.engine.describe().token_counting, entropy_exact=q.exact)
         return SelectionResult(q.text, scores, [c.score for c in cands], all_idk, idk_word, usage,
                                fallback_used, Winners(cands, list(self.prefix_ids), list(q.ids)))
 

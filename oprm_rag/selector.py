@@ -310,7 +310,8 @@ class OPRMSelector:
 
     # ------------------------------------------------------------------ summaries
     def summarize(self, documents: str | Sequence[str], question: str | None = None, *,
-                  max_new_tokens: int | None = None, generation: GenerationConfig | None = None, **sampling: Any) -> Answer:
+                  max_new_tokens: int | None = None, generation: GenerationConfig | None = None,
+                  **sampling: Any) -> Answer:
         """The paper's summary mode: decode from every chunk, join the parts in document order."""
         stream = self.stream_summary(documents, question, max_new_tokens=max_new_tokens, generation=generation,
                                      **sampling)
