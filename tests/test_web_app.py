@@ -15,7 +15,6 @@ import shutil
 import socket
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,6 +28,8 @@ from oprm_rag import DEMO_MODEL, OPRMSelector, RecurrentLM
 from oprm_rag.demo.recall_task import Fact, RecallDocument, build_document, heldout_prose, question_for
 from oprm_rag.testing import pdf_bytes
 from oprm_rag.web import WebSettings, create_app, main
+
+from live_server import serve
 from oprm_rag.web.documents import DocumentStore, clean_name
 
 DEMO_READY = Path(DEMO_MODEL, "model.safetensors").is_file()
@@ -258,33 +259,6 @@ def test_main_fails_cleanly_without_a_model(tmp_path: Path, capsys: pytest.Captu
 
 
 # ---------------------------------------------------------------------- a live server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Run ``app`` under uvicorn on a free local port in a thread; yield its base URL."""
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-
-
 class _GatedStream:
     """Wraps an ``AnswerStream``: after the first piece, decoding waits until ``gate`` opens."""
 

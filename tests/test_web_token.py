@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import http.client
 import logging
-import socket
-import threading
-import time
 from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import quote, urlsplit
@@ -20,35 +17,17 @@ from oprm_rag.errors import InputError
 from oprm_rag.web import WebSettings, create_app, main
 from oprm_rag.web.access import RedactToken, check_token, install_redaction, redact
 
+from live_server import serve
+
 TOKEN = "pässwörd-✓"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
 def _served(app, token: str) -> Iterator[str]:
-    import uvicorn
-
-    port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="info", lifespan="off",
-                            log_config=install_redaction(token), access_log=True)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn-token-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the test server did not start")
-        time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        with serve(app, log_level="info", log_config=install_redaction(token), access_log=True) as base:
+            yield base
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         for name in ("uvicorn", "uvicorn.access", "uvicorn.error"):  # leave logging as other tests expect
             for f in [f for f in logging.getLogger(name).filters if isinstance(f, RedactToken)]:
                 logging.getLogger(name).removeFilter(f)
