@@ -16,6 +16,7 @@ left padding, and the single-token decode session.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -124,12 +125,14 @@ class NativeRwkvBackend(Backend):
             new[f"ffn_shift.{i}"] = x[:, -1].contiguous()
         return new, _ln(model.ln_out, hidden, self.eps)
 
+    @abstractmethod
     def _time_mix(self, i: int, att: nn.Module, x: torch.Tensor, prev: torch.Tensor, wkv: torch.Tensor,
                   valid: torch.Tensor | None, carry: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Block ``i``'s time mix (each version's WKV): its output and the new WKV state."""
 
+    @abstractmethod
     def _channel_mix(self, ffn: nn.Module, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """A block's channel mix (each version's feed-forward)."""
 
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.head.weight
