@@ -9,6 +9,7 @@ import platform
 import random
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -135,3 +136,41 @@ def embedding_counter(lm: Any) -> tuple[dict[str, int], Any]:
     hook = lm.model.get_input_embeddings().register_forward_hook(
         lambda module, args, out: seen.__setitem__("tokens", seen["tokens"] + int(args[0].numel())))
     return seen, hook
+
+
+@dataclass
+class FollowUp:
+    """A first question and a repeated follow-up on one cached selector, timed, with the
+    tokens the model embedded for each (counted by :func:`embedding_counter`)."""
+
+    selector: Any
+    first: Any
+    again: Any
+    first_seconds: float
+    follow_up_seconds: float  # the fastest of the repeats
+    embedded_first: int
+    embedded_follow_up: int
+
+
+def time_follow_up(lm: Any, text: str, question: str, follow: str, repeat: int, **options: Any) -> FollowUp:
+    """Ask ``question`` about ``text`` with a fresh 2 GiB document cache, then ``follow``
+    ``repeat`` times from its cached chunk states (4 answer tokens each)."""
+    from oprm_rag import OPRMSelector
+    from oprm_rag.storage.cache import DocumentStateCache
+
+    seen, hook = embedding_counter(lm)
+    try:
+        sel = OPRMSelector(lm, cache=DocumentStateCache(max_bytes=2 * 2**30), **options)
+        t0 = time.perf_counter()
+        first = sel.answer(question, text, max_new_tokens=4)
+        t_first = time.perf_counter() - t0
+        embedded_first = seen["tokens"]
+        times = []
+        for _ in range(repeat):
+            seen["tokens"] = 0
+            t0 = time.perf_counter()
+            again = sel.answer(follow, text, max_new_tokens=4)
+            times.append(time.perf_counter() - t0)
+        return FollowUp(sel, first, again, t_first, min(times), embedded_first, seen["tokens"])
+    finally:
+        hook.remove()

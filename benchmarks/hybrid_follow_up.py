@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import time
 
-from benchmarks.common import embedding_counter, follow_up_plot, parser, write
+from benchmarks.common import follow_up_plot, parser, time_follow_up, write
 
 
 def _family(family: str, doc_tokens: int, chunk: int, repeat: int) -> dict:
@@ -34,7 +34,6 @@ def _family(family: str, doc_tokens: int, chunk: int, repeat: int) -> dict:
 
     from oprm_rag import OPRMSelector, RecurrentLM
     from oprm_rag.backends.replay import ReplayBackend
-    from oprm_rag.storage.cache import DocumentStateCache
     from oprm_rag.testing import tiny_model
 
     model, tok = tiny_model(family)
@@ -45,23 +44,10 @@ def _family(family: str, doc_tokens: int, chunk: int, repeat: int) -> dict:
     question, follow = "What is the code of alpha?", "What is the code of beta?"
     opts = dict(chunk_tokens=chunk, idk_filter=False)
 
-    seen, hook = embedding_counter(lm)
-    try:
-        t0 = time.perf_counter()
-        sel = OPRMSelector(lm, cache=DocumentStateCache(max_bytes=2 * 2**30), **opts)
-        first = sel.answer(question, text, max_new_tokens=4)
-        t_first = time.perf_counter() - t0
-        embedded_first = seen["tokens"]
-        times = []
-        for _ in range(repeat):
-            seen["tokens"] = 0
-            t0 = time.perf_counter()
-            again = sel.answer(follow, text, max_new_tokens=4)
-            times.append(time.perf_counter() - t0)
-        embedded_follow = seen["tokens"]
-    finally:
-        hook.remove()
-    t_follow = min(times)
+    run = time_follow_up(lm, text, question, follow, repeat, **opts)
+    sel, first, again = run.selector, run.first, run.again
+    t_first, t_follow = run.first_seconds, run.follow_up_seconds
+    embedded_first, embedded_follow = run.embedded_first, run.embedded_follow_up
 
     # What these families ran on before: the same weights with the cache backend's verdict
     # set to "no", so backend selection falls through to the token replay.

@@ -26,12 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import embedding_counter, follow_up_plot, parser, write
+from benchmarks.common import follow_up_plot, parser, time_follow_up, write
 
 
 def _version(version: int, doc_tokens: int, chunk: int, repeat: int, size: dict, folder: Path) -> dict:
     from oprm_rag import OPRMSelector, RecurrentLM
-    from oprm_rag.storage.cache import DocumentStateCache
     from oprm_rag.rwkv_testing import save_rwkv_pth
 
     path = save_rwkv_pth(folder / f"v{version}", version, **size)
@@ -41,27 +40,14 @@ def _version(version: int, doc_tokens: int, chunk: int, repeat: int, size: dict,
     d = lm.count_tokens(text)
     question, follow = "What is the code of alpha?", "What is the code of beta?"
     opts = dict(chunk_tokens=chunk, idk_filter=False)
-    seen, hook = embedding_counter(lm)
-    try:
-        sel = OPRMSelector(lm, cache=DocumentStateCache(max_bytes=2 * 2**30), **opts)
-        t0 = time.perf_counter()
-        first = sel.answer(question, text, max_new_tokens=4)
-        t_first = time.perf_counter() - t0
-        times = []
-        for _ in range(repeat):
-            seen["tokens"] = 0
-            t0 = time.perf_counter()
-            again = sel.answer(follow, text, max_new_tokens=4)
-            times.append(time.perf_counter() - t0)
-        embedded_follow = seen["tokens"]
-        plain = OPRMSelector(lm, cache=False, **opts)
-        plain.answer(question, text, max_new_tokens=1)  # P's state memoised, as for the cached one
-        t0 = time.perf_counter()
-        uncached = plain.answer(follow, text, max_new_tokens=4)
-        t_uncached = time.perf_counter() - t0
-    finally:
-        hook.remove()
-    t_follow = min(times)
+    run = time_follow_up(lm, text, question, follow, repeat, **opts)
+    sel, first, again = run.selector, run.first, run.again
+    t_first, t_follow, embedded_follow = run.first_seconds, run.follow_up_seconds, run.embedded_follow_up
+    plain = OPRMSelector(lm, cache=False, **opts)
+    plain.answer(question, text, max_new_tokens=1)  # P's state memoised, as for the cached one
+    t0 = time.perf_counter()
+    uncached = plain.answer(follow, text, max_new_tokens=4)
+    t_uncached = time.perf_counter() - t0
     params = sum(p.numel() for p in lm.model.parameters())
     return {
         "family": lm.family, "backend": type(lm.backend).__name__, "parameters": params, "doc_tokens": d,
