@@ -130,11 +130,17 @@ def bandwidth_probe(mib: int = 512, repeat: int = 3) -> dict[str, float]:
 
 def decode_rate(lm: Any, state: Any, first: int, tokens: int, repeat: int) -> float:
     """Greedy tokens/s at batch 1 through the backend's decode session (the library's step path)."""
-    def run() -> None:
+    from oprm_rag.backends.base import call_threads
+    from oprm_rag.threads import intra_op_threads
+
+    def run() -> None:  # as the library's decoding loop does: the argmax on the step's threads
         session = lm.backend.session(state)
         tok = torch.tensor([[first]])
+        threads = call_threads(lm.backend, 1)
         for _ in range(tokens):
-            tok = session.step(tok).argmax(-1, keepdim=True)
+            logits = session.step(tok)
+            with intra_op_threads(threads):
+                tok = logits.argmax(-1, keepdim=True)
 
     run()  # builds the step constants (and any bf16 weight copies) once
     return tokens / best_of(run, repeat)

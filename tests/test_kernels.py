@@ -242,7 +242,7 @@ def test_native_time_major_scan_matches_the_recurrence(t, pads):
 
 
 @pytest.mark.parametrize("K", [2, 4])
-@pytest.mark.parametrize("t", [1, 2, 9])
+@pytest.mark.parametrize("t", [1, 2, 9, 70])  # 70: units of 32 tokens, the last one partial
 @pytest.mark.parametrize("silu", [True, False])
 def test_native_conv_matches_conv1d_with_pads_and_state(K, t, silu):
     from oprm_rag.backends.base import shifted_conv_input
@@ -253,8 +253,8 @@ def test_native_conv_matches_conv1d_with_pads_and_state(K, t, silu):
     x = torch.randn(b, t, 2 * d, generator=g)[..., :d]  # a view, as the in_proj split gives
     state = torch.randn(b, d, K - 1, generator=g)
     w, bias = torch.randn(d, K, generator=g), torch.randn(d, generator=g)
-    for pad_left in (None, torch.tensor([0, min(2, t - 1), t - 1])):
-        out, new_state = native.causal_conv_tm(x, state, w, bias, pad_left, silu=silu)
+    for pad_left in (None, torch.tensor([0, min(2, t - 1), t - 1]), torch.tensor([min(40, t - 1), 0, 1 % t])):
+        out, new_state = native.causal_conv_tm(x, state, w, bias, pad_left, silu=silu, threads=2)
         xc = x.transpose(1, 2)
         if pad_left is not None:
             keep = torch.arange(t)[None, :] >= pad_left[:, None]

@@ -7,6 +7,9 @@ tolerance is the one measured for bf16 rounding, not the exact paths' 1e-4), the
 step against the forward pass.
 """
 
+import os
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,6 +103,38 @@ def test_step_linear_matches_f_linear(rows, k, batch):
     assert torch.allclose(lin16(many), F.linear(many, w16), atol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_step_linear_on_the_c_pool_matches_f_linear_from_concurrent_callers(threads):
+    """Products big enough to be split over the C thread pool (rows not a multiple of the
+    4-row blocks), from several Python threads at once: one of them holds the pool, the
+    others run alone; every caller gets its own exact result."""
+    import threading
+
+    native = _native()
+    gen = torch.Generator().manual_seed(threads)
+    w, bias = torch.randn(1027, 256, generator=gen), torch.randn(1027, generator=gen)
+    lin = native.StepLinear(native.library(), w, bias, threads=threads)
+    lin16 = native.StepLinear(native.library(), w, None, torch.bfloat16, threads=threads)
+    xs = [torch.randn(1 + i % 3, 256, generator=gen) for i in range(6)]
+    w16 = w.bfloat16().float()
+    failures: list[str] = []
+
+    def caller(i: int) -> None:
+        for _ in range(20):
+            if not torch.allclose(lin(xs[i]), F.linear(xs[i], w, bias), atol=1e-4):
+                failures.append(f"float32, caller {i}")
+            if not torch.allclose(lin16(xs[i]), F.linear(xs[i], w16), atol=1e-3):
+                failures.append(f"bf16, caller {i}")
+
+    workers = [threading.Thread(target=caller, args=(i,)) for i in range(len(xs))]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in workers), "the C pool deadlocked"
+    assert not failures, failures
+
+
 def test_matmul_dtype_resolves_by_hardware(monkeypatch):
     from oprm_rag.kernels import precision
 
@@ -180,3 +215,28 @@ def test_native_gated_norm_matches_transformers_norm(group_size):
     ref = norm((y + x.view(b, t, heads, p) * D[:, None]).reshape(b, t, -1), z)
     out = native.gated_norm_tm(y.clone(), x, z, D, norm.weight, heads * p // group_size, 1e-5)
     assert torch.allclose(out.reshape(b, t, -1), ref, atol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_c_pool_works_in_a_forked_child():
+    """A forked child has none of the parent's pool threads: it starts a pool of its own
+    instead of waiting on workers that do not exist there."""
+    native = _native()
+    w, x = torch.randn(1027, 256), torch.randn(1, 256)
+    lin = native.StepLinear(native.library(), w, None, threads=2)
+    lin(x)  # the parent's pool exists now
+    expected = F.linear(x, w)  # here: torch's own OpenMP threads are not fork-safe
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only when the split product is right
+        ok = bool((lin(x) - expected).abs().max() < 1e-4)
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            assert code == 0, f"the child exited with {code}"
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    pytest.fail("the forked child's product hung on the parent's pool")

@@ -1,12 +1,14 @@
 /*
- * oprm-rag's native CPU kernels: plain C99, no Python or torch headers.
+ * oprm-rag's native CPU kernels: plain C (C11 atomics and pthreads for one thread pool), no Python or
+ * torch headers.
  *
  * Loaded with ctypes by oprm_rag/kernels/native.py, which compiles this file with the
  * system C compiler (at `make install`, else at first use) and falls back to the pure
  * torch code whenever the library is missing. Every function works on float32 buffers
  * (unit stride along channels; other strides given), touches only the rows or blocks
  * [start, stop) it is given (so Python can run disjoint ranges on several threads;
- * ctypes releases the GIL), and allocates nothing.
+ * ctypes releases the GIL), and allocates nothing. The one exception is the decode
+ * step's matrix-vector product, split over this file's own thread pool (see below).
  *
  * Why C: the Mamba-1 recurrence h_t = exp(dt_t * A) h_{t-1} + dt_t x_t B_t needs one
  * exp per (token, channel, state) and a sequential pass over time. In torch that means
@@ -21,6 +23,19 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+#include <unistd.h>
+#define OPRM_HAVE_POOL 1
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define OPRM_PAUSE() _mm_pause()
+#else
+#define OPRM_PAUSE() ((void)0)
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && (__GNUC__ >= 12)
 /* One build for every x86-64 machine: the loader picks the widest vectors the CPU has. */
@@ -253,65 +268,69 @@ int oprm_mamba1_scan_tm(int64_t b, int64_t d, int64_t t, int64_t n,
  * optional left padding and SiLU: what Mamba's mixers run before the scan.
  *
  * x: [b, t, d] (unit channel stride, given strides); state: [b, d, K-1] (contiguous, the
- * previous K-1 inputs); w: [d, K]; bias: [d] or NULL; pads: [b] left pads per row or NULL.
- * A row's pads are moved in front of its conv state, so its first real token sees the
- * state (as shifted_conv_input does). out: [b, t, d] contiguous (0 at pads); new_state:
- * [b, d, K-1], the last K-1 inputs after this call. Runs blocks [block_start, block_stop)
- * of (batch row, OPRM_LANES channels), as the scan does.
+ * previous K-1 inputs); wT: [K, d] (the conv weight transposed, so that a tap is a
+ * contiguous row); bias: [d] or NULL; pads: [b] left pads per row or NULL. A row's pads
+ * are moved in front of its conv state, so its first real token sees the state (as
+ * shifted_conv_input does). out: [b, t, d] contiguous (0 at pads); new_state: [b, d,
+ * K-1], the last K-1 inputs after this call.
+ *
+ * Runs units [unit_start, unit_stop) of (batch row, OPRM_CONV_T tokens), each a pass over
+ * whole rows: x is read and out written row by row, contiguously. (Blocks of a few
+ * channels walked down the time axis read one cache line per 13 KB-strided row, which
+ * makes the conv latency-bound: at 130M it took 18% of OPRM's selection.) A row of the
+ * virtual sequence [state, x[pad:]] is a state column while its index is below K-1.
  */
 #define OPRM_MAX_K 16
+#define OPRM_CONV_T 32
 
 OPRM_CLONES
 int oprm_conv_tm(int64_t b, int64_t d, int64_t t, int64_t K, const float *x, int64_t x_bs, int64_t x_ts,
-                 const float *state, const float *w, const float *bias, const int64_t *pads, int act,
-                 float *out, float *new_state, int64_t block_start, int64_t block_stop) {
+                 const float *state, const float *wT, const float *bias, const int64_t *pads, int act,
+                 float *out, float *new_state, int64_t unit_start, int64_t unit_stop) {
     if (K > OPRM_MAX_K || K < 1) return -1;
     (void)b;
-    const int64_t nblocks = (d + OPRM_LANES - 1) / OPRM_LANES, k1 = K - 1;
-    for (int64_t i = block_start; i < block_stop; i++) {
-        const int64_t bi = i / nblocks, c0 = (i % nblocks) * OPRM_LANES;
-        const int64_t wd = d - c0 < OPRM_LANES ? d - c0 : OPRM_LANES;
-        const int64_t p = pads ? pads[bi] : 0;
-        const float *xb = x + bi * x_bs + c0;
-        const float *st = state + (bi * d + c0) * k1;
-        float wk[OPRM_MAX_K][OPRM_LANES] __attribute__((aligned(64)));
-        float bb[OPRM_LANES] __attribute__((aligned(64)));
-        /* win[k] holds the input at position s - (K-1) + k for the current s. */
-        float win[OPRM_MAX_K][OPRM_LANES] __attribute__((aligned(64)));
-        memset(wk, 0, sizeof wk);
-        memset(bb, 0, sizeof bb);
-        memset(win, 0, sizeof win);
-        for (int64_t k = 0; k < K; k++)
-            for (int64_t j = 0; j < wd; j++) wk[k][j] = w[(c0 + j) * K + k];
-        if (bias)
-            for (int64_t j = 0; j < wd; j++) bb[j] = bias[c0 + j];
-        /* Before the first real token the window is [zeros.., state]. */
-        for (int64_t k = 0; k < k1; k++)
-            for (int64_t j = 0; j < wd; j++) win[k + 1][j] = st[j * k1 + k];
-        float *ob = out + (bi * t) * d + c0;
-        for (int64_t s = 0; s < p && s < t; s++)
-            for (int64_t j = 0; j < wd; j++) ob[s * d + j] = 0.0f;
-        for (int64_t s = p; s < t; s++) {
-            for (int64_t k = 0; k < k1; k++)
+    const int64_t nunits = (t + OPRM_CONV_T - 1) / OPRM_CONV_T, k1 = K - 1;
+    for (int64_t u = unit_start; u < unit_stop; u++) {
+        const int64_t bi = u / nunits, s0 = (u % nunits) * OPRM_CONV_T;
+        const int64_t s1 = s0 + OPRM_CONV_T < t ? s0 + OPRM_CONV_T : t;
+        const int64_t p = pads ? (pads[bi] < t ? pads[bi] : t) : 0;
+        const float *xb = x + bi * x_bs, *st = state + bi * d * k1;
+        float *ob = out + bi * t * d;
+        for (int64_t s = s0; s < s1; s++) {
+            float *o = ob + s * d;
+            if (s < p) {
+                memset(o, 0, (size_t)d * sizeof(float));
+                continue;
+            }
+            if (bias) memcpy(o, bias, (size_t)d * sizeof(float));
+            else memset(o, 0, (size_t)d * sizeof(float));
+            for (int64_t k = 0; k < K; k++) {
+                const int64_t v = s - p + k; /* index in [state (k1 rows), x[p:]] */
+                const float *wk = wT + k * d;
+                if (v >= k1) {
+                    const float *xr = xb + (v - k1 + p) * x_ts;
 #pragma omp simd
-                for (int64_t j = 0; j < OPRM_LANES; j++) win[k][j] = win[k + 1][j];
-            const float *xs = xb + s * x_ts;
-            for (int64_t j = 0; j < wd; j++) win[k1][j] = xs[j];
-            float acc[OPRM_LANES] __attribute__((aligned(64)));
-#pragma omp simd
-            for (int64_t j = 0; j < OPRM_LANES; j++) acc[j] = bb[j];
-            for (int64_t k = 0; k < K; k++)
-#pragma omp simd
-                for (int64_t j = 0; j < OPRM_LANES; j++) acc[j] += wk[k][j] * win[k][j];
+                    for (int64_t c = 0; c < d; c++) o[c] += wk[c] * xr[c];
+                } else {
+                    for (int64_t c = 0; c < d; c++) o[c] += wk[c] * st[c * k1 + v];
+                }
+            }
             if (act)
 #pragma omp simd
-                for (int64_t j = 0; j < OPRM_LANES; j++) acc[j] = acc[j] / (1.0f + oprm_expf(-acc[j]));
-            for (int64_t j = 0; j < wd; j++) ob[s * d + j] = acc[j];
+                for (int64_t c = 0; c < d; c++) o[c] = o[c] / (1.0f + oprm_expf(-o[c]));
         }
-        /* The new state: the window's last K-1 inputs (the old state shifted when t is short). */
-        float *ns = new_state + (bi * d + c0) * k1;
-        for (int64_t k = 0; k < k1; k++)
-            for (int64_t j = 0; j < wd; j++) ns[j * k1 + k] = win[k + 1][j];
+        if (s1 == t) { /* the row's last unit writes its new state: virtual rows t-p .. t-p+k1-1 */
+            float *ns = new_state + bi * d * k1;
+            for (int64_t i = 0; i < k1; i++) {
+                const int64_t v = t - p + i;
+                if (v >= k1) {
+                    const float *xr = xb + (v - k1 + p) * x_ts;
+                    for (int64_t c = 0; c < d; c++) ns[c * k1 + i] = xr[c];
+                } else {
+                    for (int64_t c = 0; c < d; c++) ns[c * k1 + i] = st[c * k1 + v];
+                }
+            }
+        }
     }
     return 0;
 }
@@ -602,5 +621,152 @@ int oprm_gated_norm_tm(int64_t t, int64_t heads, int64_t p, float *y, int64_t y_
             for (int64_t q = 0; q < gs; q++) seg[q] = ws[q] * (seg[q] * inv);
         }
     }
+    return 0;
+}
+
+/*
+ * A small thread pool for the decode step's matrix-vector products.
+ *
+ * A decode step of a 130M model is ~50 products of 0.6-40 MB of weights each, back to
+ * back, a few hundred microseconds apiece. Handing a part to a Python thread (a future,
+ * a condition variable, the GIL) costs about as much as the part itself, so two threads
+ * decoded slower than one. Here the caller publishes a job and takes part 0; workers spin
+ * for up to OPRM_SPIN_NS waiting for the next job (the next product follows within
+ * microseconds while decoding), then sleep on a condition variable, so an idle process
+ * costs nothing. Every worker takes part in every job (with an empty range when the job
+ * has fewer parts), so the caller's wait for all of them to finish also guarantees that
+ * no worker still reads the previous job when the next one is published. One job at a
+ * time: a caller that finds the pool busy (another Python thread decoding) runs its
+ * product alone. A forked child starts a fresh pool.
+ */
+#ifdef OPRM_HAVE_POOL
+#define OPRM_POOL_MAX 64
+#define OPRM_SPIN_NS 200000LL
+
+typedef void (*oprm_part_fn)(const void *ctx, int64_t start, int64_t stop);
+
+static struct {
+    pthread_mutex_t busy, sleep_lock;
+    pthread_cond_t wake;
+    atomic_ullong gen;
+    atomic_int pending;
+    int workers;
+    pid_t pid;
+    oprm_part_fn fn;
+    const void *ctx;
+    int64_t bounds[OPRM_POOL_MAX + 1];
+    unsigned long long born[OPRM_POOL_MAX + 1];
+    int parts;
+} oprm_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static int64_t oprm_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void *oprm_worker(void *arg) {
+    const int me = (int)(intptr_t)arg; /* 1..workers; the caller is part 0 */
+    unsigned long long seen = oprm_pool.born[me]; /* the generation before its first job */
+    for (;;) {
+        unsigned long long g = atomic_load_explicit(&oprm_pool.gen, memory_order_acquire);
+        if (g == seen) {
+            const int64_t until = oprm_now_ns() + OPRM_SPIN_NS;
+            int spins = 0;
+            while ((g = atomic_load_explicit(&oprm_pool.gen, memory_order_acquire)) == seen) {
+                OPRM_PAUSE();
+                if ((++spins & 255) == 0 && oprm_now_ns() > until) {
+                    pthread_mutex_lock(&oprm_pool.sleep_lock);
+                    while ((g = atomic_load(&oprm_pool.gen)) == seen)
+                        pthread_cond_wait(&oprm_pool.wake, &oprm_pool.sleep_lock);
+                    pthread_mutex_unlock(&oprm_pool.sleep_lock);
+                    break;
+                }
+            }
+        }
+        seen = g;
+        if (me < oprm_pool.parts && oprm_pool.bounds[me] < oprm_pool.bounds[me + 1])
+            oprm_pool.fn(oprm_pool.ctx, oprm_pool.bounds[me], oprm_pool.bounds[me + 1]);
+        atomic_fetch_sub_explicit(&oprm_pool.pending, 1, memory_order_acq_rel);
+    }
+    return NULL;
+}
+
+/* Runs fn over [0, rows) in `parts` ranges aligned to `align` rows, part 0 on this thread. */
+static void oprm_pool_run(oprm_part_fn fn, const void *ctx, int64_t rows, int parts, int64_t align) {
+    if (parts > OPRM_POOL_MAX) parts = OPRM_POOL_MAX;
+    if (parts <= 1 || pthread_mutex_trylock(&oprm_pool.busy) != 0) {
+        fn(ctx, 0, rows);
+        return;
+    }
+    if (oprm_pool.pid != getpid()) { /* first use, or a forked child: no workers exist here */
+        /* A child's copies of the lock and the condition variable may record the parent's
+         * sleeping workers (a broadcast would wait for them): start both afresh. */
+        pthread_mutex_init(&oprm_pool.sleep_lock, NULL);
+        pthread_cond_init(&oprm_pool.wake, NULL);
+        oprm_pool.workers = 0;
+        oprm_pool.pid = getpid();
+    }
+    while (oprm_pool.workers < parts - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        /* Read by the worker, which may start after this job is published: it must not skip it. */
+        oprm_pool.born[oprm_pool.workers + 1] = atomic_load(&oprm_pool.gen);
+        const int ok = pthread_create(&th, &attr, oprm_worker, (void *)(intptr_t)(oprm_pool.workers + 1)) == 0;
+        pthread_attr_destroy(&attr);
+        if (!ok) break;
+        oprm_pool.workers++;
+    }
+    if (parts > oprm_pool.workers + 1) parts = oprm_pool.workers + 1;
+    oprm_pool.fn = fn;
+    oprm_pool.ctx = ctx;
+    oprm_pool.parts = parts;
+    for (int i = 0; i <= parts; i++) {
+        int64_t b = rows * i / parts;
+        oprm_pool.bounds[i] = i == parts ? rows : b - b % align;
+    }
+    atomic_store(&oprm_pool.pending, oprm_pool.workers);
+    pthread_mutex_lock(&oprm_pool.sleep_lock);
+    atomic_fetch_add_explicit(&oprm_pool.gen, 1, memory_order_release);
+    pthread_cond_broadcast(&oprm_pool.wake);
+    pthread_mutex_unlock(&oprm_pool.sleep_lock);
+    if (oprm_pool.bounds[0] < oprm_pool.bounds[1]) fn(ctx, oprm_pool.bounds[0], oprm_pool.bounds[1]);
+    while (atomic_load_explicit(&oprm_pool.pending, memory_order_acquire) > 0) OPRM_PAUSE();
+    pthread_mutex_unlock(&oprm_pool.busy);
+}
+#endif
+
+typedef struct {
+    int bf16;
+    int64_t k, ld, nb, xs, ys;
+    const void *W;
+    const float *x, *bias;
+    float *y;
+} oprm_gemv_job;
+
+static void oprm_gemv_part(const void *ctx, int64_t start, int64_t stop) {
+    const oprm_gemv_job *j = (const oprm_gemv_job *)ctx;
+    if (j->bf16)
+        oprm_gemv_bf16(j->k, (const uint16_t *)j->W, j->ld, j->nb, j->x, j->xs, j->bias, j->y, j->ys, start, stop);
+    else
+        oprm_gemv_f32(j->k, (const float *)j->W, j->ld, j->nb, j->x, j->xs, j->bias, j->y, j->ys, start, stop);
+}
+
+/* y = W x + bias over all `rows`, split over `threads` threads of the pool (bf16: W holds
+ * bf16 rows, with oprm_gemv_bf16's limits, checked here: returns -1 when it does not take
+ * the shapes). Without pthreads it runs on the calling thread. */
+int oprm_gemv_mt(int bf16, int64_t k, const void *W, int64_t ld, int64_t nb, const float *x, int64_t xs,
+                 const float *bias, float *y, int64_t ys, int64_t rows, int threads) {
+    if (bf16 && ((k & 1) || (ld & 1) || k / 2 > OPRM_GEMV_PAIRS_MAX || ((uintptr_t)W & 3) || nb > OPRM_GEMV_BATCH_MAX))
+        return -1;
+    oprm_gemv_job job = {bf16, k, ld, nb, xs, ys, W, x, bias, y};
+#ifdef OPRM_HAVE_POOL
+    oprm_pool_run(oprm_gemv_part, &job, rows, threads, 4);
+#else
+    (void)threads;
+    oprm_gemv_part(&job, 0, rows);
+#endif
     return 0;
 }

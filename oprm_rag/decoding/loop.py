@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
+from ..backends.base import call_threads
 from ..errors import NonFiniteScoresError
 from ..scoring import nonfinite_rows
+from ..threads import intra_op_threads
 from .config import Generation, GenerationConfig
 from .stream import BaseTextStream
 from .text import IncrementalTextAssembler
@@ -54,10 +56,15 @@ class Decoder:
         eos = lm.eos_token_ids if cfg.stop_at_eos else set()
         done = [cfg.max_new_tokens == 0] * b
         session = lm.backend.session(self._states)
+        # Choosing a token is as small as the step: on torch's threads its parallel region
+        # would leave an OpenMP thread spinning beside the step's own threads (at 130M on
+        # 2 cores that halved decoding).
+        threads = call_threads(lm.backend, b)
         logits = self._logits
         for step in range(cfg.max_new_tokens):
             _check_finite(logits, done, step)
-            nxt = choose_next(logits, cfg, generator)
+            with intra_op_threads(threads):
+                nxt = choose_next(logits, cfg, generator)
             for i, tid in enumerate(nxt.tolist()):
                 if done[i]:
                     continue

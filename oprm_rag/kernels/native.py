@@ -41,7 +41,7 @@ logger = logging.getLogger("oprm_rag")
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "oprm_kernels.c"
 _ENV = "OPRM_NATIVE"
-_FLAGS = ["-O3", "-std=c99", "-ffp-contract=fast", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
+_FLAGS = ["-O3", "-std=gnu11", "-pthread", "-ffp-contract=fast", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
           "-fopenmp-simd"]
 _lock = threading.Lock()
 _lib: Any = False  # False: not loaded yet; None: unavailable
@@ -51,6 +51,9 @@ BUILD_ERROR: str | None = None  # why the library is unavailable (None: it is, o
 # machine, of waiting for that thread to be scheduled).
 _MIN_WORK_PER_THREAD = 1 << 20
 _pool: ThreadPoolExecutor | None = None
+# The decode step's products hand parts to the C pool's spinning workers (about a
+# microsecond), so a part pays from ~256 KB of float32 weights (~15 us of reading).
+_GEMV_MIN_WORK_PER_THREAD = 1 << 16
 
 
 def enabled() -> bool:
@@ -132,6 +135,8 @@ def _bind(lib: Any) -> Any:
     for name in ("oprm_gemv_f32", "oprm_gemv_bf16"):
         getattr(lib, name).argtypes = [i64, fp, i64, i64, fp, i64, fp, fp, i64, i64, i64]
     lib.oprm_gemv_f32.restype = None
+    lib.oprm_gemv_mt.argtypes = [ctypes.c_int, i64, fp, i64, i64, fp, i64, fp, fp, i64, i64, ctypes.c_int]
+    lib.oprm_gemv_mt.restype = ctypes.c_int
     lib.oprm_gated_norm_tm.argtypes = [i64, i64, i64, fp, i64, i64, fp, i64, i64, fp, i64, i64, fp, fp, i64, f32,
                                        i64, i64]
     lib.oprm_gated_norm_tm.restype = ctypes.c_int
@@ -209,6 +214,7 @@ def native_softplus(x: torch.Tensor) -> torch.Tensor:
 SCAN_ROWS_PER_UNIT = 16
 LANES = 16  # channels per block in the time-major scan (OPRM_LANES in the C file)
 MAX_STATE_TM = 256
+CONV_T = 32  # tokens per unit of work in the causal conv (OPRM_CONV_T in the C file)
 
 
 def _bt(t: torch.Tensor | None) -> tuple[int | None, int, int]:
@@ -280,20 +286,20 @@ def causal_conv_tm(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, b
     if K > 16 or state.shape != (b, d, K - 1):
         return None
     state = state.float().contiguous()
-    weight = weight.float().reshape(d, K).contiguous()
+    weight_t = weight.float().reshape(d, K).t().contiguous()  # [K, d]: a tap is a contiguous row
     bias = None if bias is None else bias.float().contiguous()
     pads = _pads(pad_left, b)
     out = torch.empty(b, t, d, dtype=torch.float32)
     new_state = torch.empty(b, d, K - 1, dtype=torch.float32)
-    args = [*_bt(x), state.data_ptr(), weight.data_ptr(), _ptr(bias), _ptr(pads), 1 if silu else 0,
+    args = [*_bt(x), state.data_ptr(), weight_t.data_ptr(), _ptr(bias), _ptr(pads), 1 if silu else 0,
             out.data_ptr(), new_state.data_ptr()]
-    blocks = b * ((d + LANES - 1) // LANES)
+    units = b * ((t + CONV_T - 1) // CONV_T)  # (batch row, CONV_T tokens): whole rows, read contiguously
 
     def run(start: int, stop: int) -> None:
         lib.oprm_conv_tm(b, d, t, K, *args, start, stop)
 
     with torch.profiler.record_function("oprm::causal_conv"):
-        parallel_rows(blocks, run, threads, work_per_row=LANES * t * K)
+        parallel_rows(units, run, threads, work_per_row=CONV_T * d * K)
     return out, new_state
 
 
@@ -401,16 +407,14 @@ class StepLinear:
         if b > _GEMV_MAX_BATCH:
             return F.linear(x, self.weight.float() if self.bf16 else self.weight, self.bias)
         y = torch.empty(b, self.rows, dtype=torch.float32)
-        fn = self.lib.oprm_gemv_bf16 if self.bf16 else self.lib.oprm_gemv_f32
-        args = (self.k, self.weight.data_ptr(), self.k, b, x.data_ptr(), x.stride(0), _ptr(self.bias), y.data_ptr(),
-                self.rows)
-
-        def run(start: int, stop: int) -> None:
-            if fn(*args, start, stop) not in (None, 0):
-                raise ValueError("the native matrix-vector product does not take these shapes")
-
+        threads = torch.get_num_threads() if self.threads is None else self.threads
+        parts = max(1, min(threads, self.rows * self.k * b // _GEMV_MIN_WORK_PER_THREAD))
         with torch.profiler.record_function("oprm::step_linear"):
-            parallel_rows(self.rows, run, self.threads, work_per_row=self.k * b)
+            # The C pool, not parallel_rows: a part here is ~100 us, what a Python hand-off costs.
+            rc = self.lib.oprm_gemv_mt(1 if self.bf16 else 0, self.k, self.weight.data_ptr(), self.k, b, x.data_ptr(),
+                                       x.stride(0), _ptr(self.bias), y.data_ptr(), self.rows, self.rows, parts)
+        if rc != 0:
+            raise ValueError("the native matrix-vector product does not take these shapes")
         return y
 
 
