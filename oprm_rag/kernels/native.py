@@ -5,6 +5,9 @@ system C compiler: ``make install`` builds it (``python -m oprm_rag.kernels.nati
 and the first use builds it if that did not happen. The library is loaded with ctypes
 and called on contiguous float32 tensors; long calls are split by rows over the calling
 thread's intra-op thread count (ctypes releases the GIL, so the parts run in parallel).
+A decode step's matrix-vector products are too short for a Python hand-off: they split
+over the C file's own thread pool (``oprm_gemv_mt``), whose workers spin briefly between
+products and then sleep.
 
 Anything that goes wrong (no compiler, an unwritable folder, a failed build, a CPU the
 binary refuses) makes :func:`library` return None once, with one log line, and every
