@@ -135,15 +135,11 @@ def _bind(lib: Any) -> Any:
     lib.oprm_mamba2_scan_tm.argtypes = [i64, i64, i64, i64, i64, i64, fp, i64, i64, fp, i64, i64, fp, fp, i64, i64,
                                         fp, i64, i64, f32, f32, fp, fp, i64, i64, i64, i64, i64]
     lib.oprm_mamba2_scan_tm.restype = ctypes.c_int
-    for name in ("oprm_gemv_f32", "oprm_gemv_bf16"):
-        getattr(lib, name).argtypes = [i64, fp, i64, i64, fp, i64, fp, fp, i64, i64, i64]
-    lib.oprm_gemv_f32.restype = None
     lib.oprm_gemv_mt.argtypes = [ctypes.c_int, i64, fp, i64, i64, fp, i64, fp, fp, i64, i64, ctypes.c_int]
     lib.oprm_gemv_mt.restype = ctypes.c_int
     lib.oprm_gated_norm_tm.argtypes = [i64, i64, i64, fp, i64, i64, fp, i64, i64, fp, i64, i64, fp, fp, i64, f32,
                                        i64, i64]
     lib.oprm_gated_norm_tm.restype = ctypes.c_int
-    lib.oprm_gemv_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -169,14 +165,20 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _parts(rows: int, work_per_row: int, threads: int | None, min_work: int) -> int:
+    """How many parts to split ``rows`` into: at most ``threads`` (None: this thread's
+    intra-op count) and ``rows``, each at least ``min_work`` of work."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return max(1, min(threads, rows, rows * work_per_row // min_work))
+
+
 def parallel_rows(rows: int, run: Callable[[int, int], None], threads: int | None = None,
                   work_per_row: int = 1) -> None:
     """Call ``run(start, stop)`` on disjoint row ranges covering ``rows``, on up to
     ``threads`` threads (default: the calling thread's torch intra-op thread count), each
     part at least ``_MIN_WORK_PER_THREAD`` of work (``work_per_row`` per row)."""
     global _pool
-    threads = torch.get_num_threads() if threads is None else threads
-    parts = max(1, min(threads, rows, rows * work_per_row // _MIN_WORK_PER_THREAD))
+    parts = _parts(rows, work_per_row, threads, _MIN_WORK_PER_THREAD)
     if parts == 1:
         run(0, rows)
         return
@@ -410,8 +412,7 @@ class StepLinear:
         if b > _GEMV_MAX_BATCH:
             return F.linear(x, self.weight.float() if self.bf16 else self.weight, self.bias)
         y = torch.empty(b, self.rows, dtype=torch.float32)
-        threads = torch.get_num_threads() if self.threads is None else self.threads
-        parts = max(1, min(threads, self.rows * self.k * b // _GEMV_MIN_WORK_PER_THREAD))
+        parts = _parts(self.rows, self.k * b, self.threads, _GEMV_MIN_WORK_PER_THREAD)
         with torch.profiler.record_function("oprm::step_linear"):
             # The C pool, not parallel_rows: a part here is ~100 us, what a Python hand-off costs.
             rc = self.lib.oprm_gemv_mt(1 if self.bf16 else 0, self.k, self.weight.data_ptr(), self.k, b, x.data_ptr(),
